@@ -1,0 +1,3 @@
+from mergesmith.cli.main import main
+
+main()

@@ -1,0 +1,89 @@
+"""Leaf helpers: size parsing, dtype table, human-readable bytes. Imports nothing from mergesmith."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# Config dtype names (mergekit spellings included) -> torch attribute names.
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+}
+
+# safetensors header dtype codes -> (torch attribute name, bytes per element).
+ST_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)(I?B?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Parse '5B', '500M', '2GB', '1.5G', '8GiB' or a plain integer into a byte count."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read size {text!r}: use a number with K, M, B/G or T, e.g. '5B' or '500M'")
+    number, unit, suffix = m.groups()
+    unit = unit.upper()
+    base = _SIZE_UNITS[unit]
+    if suffix and suffix.upper() == "IB" and unit:
+        base = 1024 ** ("KMGT".index(unit) + 1) if unit != "B" else 1024**3
+    return int(float(number) * base)
+
+
+def human_bytes(n: float) -> str:
+    """Format a byte count with a decimal unit (e.g. '1.23 GB')."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def canonical_dtype(name: str) -> str:
+    """Return the canonical dtype name for a config spelling, or raise ValueError listing allowed names."""
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        allowed = ", ".join(sorted(set(DTYPE_NAMES.values())))
+        raise ValueError(f"unknown dtype {name!r}; allowed: {allowed} (also fp16, bf16, fp32)")
+    return DTYPE_NAMES[key]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Resolve a dtype name to a torch.dtype (imports torch lazily)."""
+    import torch
+
+    return getattr(torch, canonical_dtype(name) if name in DTYPE_NAMES else name)
+
+
+def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """A ' (did you mean X?)' hint for a misspelt name, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,1 @@
+"""The `mergesmith` command line: thin subcommands over the Python API."""

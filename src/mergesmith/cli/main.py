@@ -1,0 +1,73 @@
+"""`mergesmith` entry point: subcommands, logging tiers, and errors as one paragraph with exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+EPILOG = """\b
+Examples:
+  mergesmith yaml my-config.yml ./merged
+  mergesmith yaml my-config.yml ./merged --dry-run
+  mergesmith yaml my-config.yml ./merged --cuda --random-seed 42 --out-shard-size 2B
+  mergesmith methods ties
+"""
+
+
+def setup_logging(verbosity: int, quiet: bool) -> None:
+    level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity == 1 else logging.WARNING
+    if quiet and verbosity == 0:
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mergesmith").setLevel(level)
+
+
+def run_cli(fn, verbosity: int) -> None:  # type: ignore[no-untyped-def]
+    """Call fn, turning known errors into a message and exit code 2 (traceback only with -vv)."""
+    from mergesmith.errors import MergesmithError
+
+    try:
+        fn()
+    except MergesmithError as exc:
+        if verbosity > 1:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written to the output path", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("error: out of memory; try --read-ahead 1 or a machine with more RAM", err=True)
+        sys.exit(2)
+    except Exception as exc:
+        if verbosity > 1:
+            raise
+        click.echo(
+            f"internal error: {type(exc).__name__}: {exc}\n(this is a bug in mergesmith; run with -vv for the "
+            "traceback and report it)",
+            err=True,
+        )
+        sys.exit(1)
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergesmith", prog_name="mergesmith")
+def cli() -> None:
+    """Merge pretrained language models in weight space (mergekit-compatible configs)."""
+
+
+def _register() -> None:
+    from mergesmith.cli.methods import methods_cmd
+    from mergesmith.cli.yaml import yaml_cmd
+
+    cli.add_command(yaml_cmd)
+    cli.add_command(methods_cmd)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="mergesmith")

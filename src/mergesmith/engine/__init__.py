@@ -1,0 +1,1 @@
+"""Execution: stream the plan through read -> merge -> write with bounded memory."""

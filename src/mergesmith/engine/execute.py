@@ -1,0 +1,177 @@
+"""Follow a MergePlan: a loader thread reads and casts inputs ahead, the caller's thread merges,
+a writer thread streams results into shards. Queues are bounded, so memory holds a few tensors."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mergesmith.engine.progress import Progress
+from mergesmith.errors import MergesmithError, PlanError
+from mergesmith.io.index import index_model_dir
+from mergesmith.io.read import ModelReader
+from mergesmith.io.write import ShardWriter
+from mergesmith.methods import registry
+from mergesmith.methods.spec import MergeInputs
+from mergesmith.plan.types import MergePlan, TensorPlan
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("mergesmith")
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    device: str = "cpu"
+    read_ahead: int = 2  # tensors loaded ahead of the one being merged
+    quiet: bool = False
+    random_seed: int | None = None
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _load_inputs(tp: TensorPlan, readers: list[ModelReader], device: str) -> list[torch.Tensor]:
+    import torch
+
+    out = []
+    dtype = getattr(torch, tp.compute_dtype)
+    for src in tp.sources:
+        t = readers[src.model].read(src.name)
+        if src.rows is not None:
+            t = t[: src.rows]
+        if tp.method != "copy":
+            # Always materialise (copy=True): it forces the read here, off the compute thread, and
+            # detaches the tensor from the mmap so methods may work in place.
+            t = t.to(device=device, dtype=dtype, copy=True)
+        out.append(t)
+    return out
+
+
+def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int) -> torch.Tensor:
+    import torch
+
+    if tp.method == "copy":
+        first = tensors[0]
+        for other in tensors[1:]:
+            if other.dtype != first.dtype or not torch.equal(other, first):
+                raise PlanError(
+                    f"non-float tensor {tp.name!r} differs between the input models; cannot merge it"
+                )
+        return first.clone()
+    spec = registry.get(tp.method)
+    gen = None
+    if spec.random:
+        gen = torch.Generator(device=tensors[0].device)
+        seed = tp.seed if tp.seed is not None else zlib.crc32(f"{fallback_seed}:{tp.name}".encode())
+        gen.manual_seed(seed)
+    inputs = MergeInputs(
+        tensors=tuple(tensors),
+        base_index=tp.base_index,
+        params=dict(tp.params),
+        per_model=tuple(dict(p) for p in tp.per_model),
+        name=tp.name,
+        generator=gen,
+    )
+    with torch.no_grad():
+        result = spec.fn(inputs)
+    if tuple(result.shape) != tp.shape:
+        raise MergesmithError(
+            f"method {tp.method!r} returned shape {tuple(result.shape)} for {tp.name!r}, expected {tp.shape}"
+        )
+    return result.to(dtype=getattr(torch, tp.out_dtype))
+
+
+def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
+    """Run every tensor of the plan through the writer; return the elapsed seconds."""
+    readers = [ModelReader(index_model_dir(m.path)) for m in plan.models]
+    fallback_seed = random.SystemRandom().randrange(2**31)
+    if (
+        any(registry.get(t.method).random for t in plan.tensors if t.method != "copy")
+        and opts.random_seed is None
+    ):
+        log.warning("random merge method without --random-seed: this run used seed %d", fallback_seed)
+    loaded: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.read_ahead))
+    merged: queue.Queue[Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    progress = Progress(len(plan.tensors), plan.bytes_out, opts.quiet)
+
+    def loader() -> None:
+        try:
+            for tp in plan.tensors:
+                if stop.is_set():
+                    return
+                item = (tp, _load_inputs(tp, readers, opts.device))
+                while not stop.is_set():
+                    try:
+                        loaded.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            loaded.put(_DONE)
+        except BaseException as exc:  # handed to the main thread, which reports it
+            loaded.put(_Failure(exc))
+
+    write_error: list[BaseException] = []
+
+    def writer_loop() -> None:
+        while True:
+            item = merged.get()
+            if item is _DONE:
+                return
+            if write_error:
+                continue
+            name, tensor, nbytes = item
+            try:
+                writer.write(name, tensor)
+                progress.advance(nbytes)
+            except BaseException as exc:
+                write_error.append(exc)
+                stop.set()
+
+    threads = [
+        threading.Thread(target=loader, daemon=True),
+        threading.Thread(target=writer_loop, daemon=True),
+    ]
+    for th in threads:
+        th.start()
+    try:
+        while True:
+            item = loaded.get()
+            if item is _DONE:
+                break
+            if isinstance(item, _Failure):
+                raise item.exc
+            if write_error:
+                raise write_error[0]
+            tp, tensors = item
+            result = _merge(tp, tensors, fallback_seed)
+            del tensors
+            if result.device.type != "cpu":
+                result = result.to("cpu")
+            merged.put((tp.name, result, tp.out_nbytes))
+            del result
+        merged.put(_DONE)
+        threads[1].join()
+        if write_error:
+            raise write_error[0]
+    finally:
+        stop.set()
+        if threads[1].is_alive():
+            try:
+                merged.put_nowait(_DONE)
+            except queue.Full:
+                pass
+        progress.close()
+        for r in readers:
+            r.close()
+    return progress.elapsed

@@ -1,0 +1,20 @@
+"""Passthrough: copy a single input tensor, optionally scaled (layer stacking, frankenmerges)."""
+
+from __future__ import annotations
+
+import torch
+
+from mergesmith.methods.registry import register
+from mergesmith.methods.spec import MergeInputs, Param
+
+
+@register(
+    "passthrough",
+    params=(Param("scale", float, "per_model", None, help="multiply the tensor by this factor"),),
+    max_models=1,
+)
+def passthrough(inputs: MergeInputs) -> torch.Tensor:
+    """Return the only input unchanged, or multiplied by its `scale`."""
+    (tensor,) = inputs.tensors
+    scale = inputs.per_model[0].get("scale")
+    return tensor if scale is None else tensor * scale

@@ -1,0 +1,1 @@
+"""Model references, their resolution to local files, and layer-layout recognition."""

@@ -1,0 +1,436 @@
+"""MergeConfig + model headers -> MergePlan. All name, shape, arity and parameter checks happen here,
+before any tensor data is read; problems are collected and reported together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergesmith._util import canonical_dtype
+from mergesmith.config import params as P
+from mergesmith.config.ref import ModelRef
+from mergesmith.config.schema import MergeConfig, OutputSlice
+from mergesmith.config.validate import parameter_blocks
+from mergesmith.errors import MergesmithError, ModelError, PlanError
+from mergesmith.io.index import ShardIndex, TensorInfo, index_model_dir
+from mergesmith.methods import registry
+from mergesmith.methods.spec import MethodSpec
+from mergesmith.models.layout import ModelLayout, Module, recognise
+from mergesmith.models.patterns import TIED_HEADS, VOCAB_HINTS
+from mergesmith.models.resolve import resolve
+from mergesmith.plan.types import InputModel, MergePlan, Source, TensorPlan
+
+log = logging.getLogger("mergesmith")
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+MAX_LISTED = 8
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """The options that change the plan (the rest only change execution)."""
+
+    allow_crimes: bool = False
+    random_seed: int | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class _Src:
+    model: int
+    start: int
+    end: int
+    params: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_Src, ...]
+    base: int | None
+    params: dict[str, Any] | None
+
+
+@dataclass
+class _Loaded:
+    ref: ModelRef
+    path: Path
+    config: dict[str, Any]
+    index: ShardIndex
+    layout: ModelLayout
+
+
+@dataclass
+class _Builder:
+    cfg: MergeConfig
+    spec: MethodSpec
+    opts: PlanOptions
+    models: list[_Loaded]
+    ids: dict[ModelRef, int]
+    tensors: list[TensorPlan] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    used_names: set[str] = field(default_factory=set)
+
+    # -- normalisation ---------------------------------------------------------------------------
+    def slices_of(
+        self, models: list | None, slices: list[OutputSlice] | None, module: Module | None
+    ) -> list[_Slice]:
+        cfg = self.cfg
+        if models:
+            srcs = []
+            for m in models:
+                idx = self.ids[m.model]
+                srcs.append(_Src(idx, 0, self._depth(idx, module), m.parameters))
+            base = self.ids[cfg.base_model] if cfg.base_model else None
+            if base is not None and base not in [s.model for s in srcs]:
+                srcs.append(_Src(base, 0, self._depth(base, module), None))
+            depths = {s.end for s in srcs}
+            if len(depths) > 1:
+                listed = ", ".join(f"{self.models[s.model].ref} has {s.end}" for s in srcs)
+                self.problems.append(
+                    f"'models:' merges need models of equal depth, but {listed} layers; use slices"
+                )
+            return [_Slice(tuple(srcs), base, None)]
+        out = []
+        for i, s in enumerate(slices or []):
+            srcs = []
+            for j, src in enumerate(s.sources):
+                idx = self.ids[src.model]
+                depth = self._depth(idx, module)
+                lo, hi = src.layer_range
+                if hi > depth:
+                    self.problems.append(
+                        f"slices[{i}].sources[{j}].layer_range [{lo}, {hi}]: model {src.model} has only {depth} layers"
+                    )
+                srcs.append(_Src(idx, lo, min(hi, depth), src.parameters))
+            base_ref = s.base_model or cfg.base_model
+            out.append(_Slice(tuple(srcs), self.ids[base_ref] if base_ref else None, s.parameters))
+        return out
+
+    def _depth(self, idx: int, module: Module | None) -> int:
+        mod = self._module(idx, module)
+        return mod.num_layers
+
+    def _module(self, idx: int, module: Module | None) -> Module:
+        layout = self.models[idx].layout
+        if module is None:
+            return layout.main
+        return next((m for m in layout.modules if m.prefix == module.prefix), layout.main)
+
+    # -- tensors ---------------------------------------------------------------------------------
+    def plan_module(
+        self, sl: list[_Slice], module_params: dict[str, Any] | None, donor: int, module: Module
+    ) -> int:
+        if not sl:
+            return 0
+        layout = self.models[donor].layout
+        owned = _owned_names(layout, module)
+        for name in [n for n in layout.pre if n in owned]:
+            self.plan_tensor(name, [(s, name) for s in sl[0].sources], sl[0], module_params, 0.0)
+        out_layer = 0
+        for s in sl:
+            n = s.sources[0].end - s.sources[0].start
+            for k in range(n):
+                t = k / (n - 1) if n > 1 else 1.0
+                first = s.sources[0]
+                rests = self._module(first.model, module).layers[first.start + k]
+                for rest in rests:
+                    srcs = [
+                        (src, self._module(src.model, module).name(src.start + k, rest)) for src in s.sources
+                    ]
+                    self.plan_tensor(module.name(out_layer, rest), srcs, s, module_params, t)
+                out_layer += 1
+        for name in [n for n in layout.post if n in owned]:
+            self.plan_tensor(name, [(s, name) for s in sl[-1].sources], sl[-1], module_params, 0.0)
+        return out_layer
+
+    def plan_tensor(
+        self, out_name: str, srcs: list[tuple[_Src, str]], sl: _Slice, module_params: dict | None, t: float
+    ) -> None:
+        found: list[tuple[_Src, TensorInfo]] = []
+        missing: list[str] = []
+        for src, name in srcs:
+            info = self._find(src.model, name)
+            if info is None:
+                missing.append(str(self.models[src.model].ref))
+            else:
+                found.append((src, info))
+        if missing:
+            if out_name in TIED_HEADS and not found:
+                return  # every input ties its head to the embeddings: so does the output
+            if not self.opts.allow_crimes or not found:
+                self.problems.append(f"tensor {out_name!r} is missing from {', '.join(missing)}")
+                return
+        shapes = {info.shape for _, info in found}
+        rows: int | None = None
+        if len(shapes) > 1:
+            tails = {s[1:] for s in shapes}
+            if any(h in out_name for h in VOCAB_HINTS) and len(tails) == 1:
+                rows = min(s[0] for s in shapes)
+                self.warnings.append(
+                    f"{out_name}: vocabularies differ ({sorted(s[0] for s in shapes)} rows); keeping the first "
+                    f"{rows} rows of each model (set a tokenizer source to merge vocabularies properly)"
+                )
+            else:
+                listed = ", ".join(f"{self.models[s.model].ref}: {list(i.shape)}" for s, i in found)
+                self.problems.append(f"tensor {out_name!r} has different shapes across models ({listed})")
+                return
+        shape = found[0][1].shape if rows is None else (rows, *found[0][1].shape[1:])
+        dtypes = {info.dtype for _, info in found}
+        if not dtypes <= FLOAT_DTYPES:
+            self.tensors.append(
+                TensorPlan(
+                    out_name,
+                    "copy",
+                    tuple(Source(s.model, i.name) for s, i in found),
+                    None,
+                    (),
+                    (),
+                    shape,
+                    found[0][1].dtype,
+                    found[0][1].dtype,
+                )
+            )
+            return
+        compute = self.cfg.dtype or _promote(dtypes)
+        out_dtype = self.cfg.out_dtype or compute
+        self.used_names.update([out_name, *(i.name for _, i in found)])
+        models = [s.model for s, _ in found]
+        base_index = None
+        if self.spec.base != "ignored" and sl.base is not None and sl.base in models:
+            base_index = models.index(sl.base)
+        shared_scopes = [sl.params, module_params, self.cfg.parameters]
+        params: dict[str, Any] = {}
+        per_model: list[dict[str, Any]] = [{} for _ in found]
+        try:
+            for p in self.spec.params:
+                if p.scope == "global":
+                    params[p.name] = self._resolve(p, shared_scopes, out_name, t, None)
+                    continue
+                for i, (src, info) in enumerate(found):
+                    if p.scope == "non_base" and i == base_index:
+                        continue
+                    per_model[i][p.name] = self._resolve(
+                        p, [src.params, *shared_scopes], info.name, t, src.model
+                    )
+            if self.spec.validate is not None:
+                for msg in self.spec.validate(params, per_model):
+                    self.problems.append(f"tensor {out_name!r}: {msg}")
+        except _ParamMissing as exc:
+            self.problems.append(str(exc))
+            return
+        seed = None
+        if self.spec.random:
+            seed = (
+                zlib.crc32(f"{self.opts.random_seed}:{out_name}".encode())
+                if self.opts.random_seed is not None
+                else None
+            )
+        self.tensors.append(
+            TensorPlan(
+                name=out_name,
+                method=self.spec.name,
+                sources=tuple(Source(s.model, i.name, rows) for s, i in found),
+                base_index=base_index,
+                params=tuple(params.items()),
+                per_model=tuple(tuple(d.items()) for d in per_model),
+                shape=tuple(shape),
+                compute_dtype=compute,
+                out_dtype=out_dtype,
+                seed=seed,
+            )
+        )
+
+    def _find(self, model: int, name: str) -> TensorInfo | None:
+        index = self.models[model].index
+        if name in index:
+            return index[name]
+        for alias in TIED_HEADS.get(name, ()):
+            if alias in index:
+                return index[alias]
+        return None
+
+    def _resolve(self, p: Any, scopes: list, tensor: str, t: float, model: int | None) -> Any:
+        try:
+            ok, value = P.resolve(p.name, scopes, tensor, t, p.validate)
+        except ValueError as exc:
+            raise _ParamMissing(f"tensor {tensor!r}: parameter {exc}") from None
+        if ok:
+            return value
+        if p.required:
+            who = f" for model {self.models[model].ref}" if model is not None else ""
+            raise _ParamMissing(
+                f"merge method {self.spec.name!r} needs parameter {p.name!r}{who}, but no value (or no "
+                f"matching filter) applies to tensor {tensor!r}"
+            )
+        return p.default
+
+
+class _ParamMissing(Exception):
+    pass
+
+
+def _promote(dtypes: set[str]) -> str:
+    import torch
+
+    out = None
+    for d in sorted(dtypes):
+        dt = getattr(torch, d)
+        out = dt if out is None else torch.promote_types(out, dt)
+    return str(out).removeprefix("torch.")
+
+
+def _owned_names(layout: ModelLayout, module: Module) -> set[str]:
+    """Non-layer tensors that belong to `module`: those under its root, or all the others for the main one."""
+    roots = {m.prefix: m.prefix.rsplit(".", 1)[0] if "." in m.prefix else "" for m in layout.modules}
+    names = set(layout.pre) | set(layout.post)
+    mine = set()
+    for n in names:
+        owner = max(
+            (p for p, r in roots.items() if r and n.startswith(r + ".") and p != layout.main.prefix),
+            key=lambda p: len(roots[p]),
+            default=layout.main.prefix,
+        )
+        if owner == module.prefix:
+            mine.add(n)
+    return mine
+
+
+def _load(ref: ModelRef, cache_dir: str | None) -> _Loaded:
+    path = resolve(ref, cache_dir)
+    cfg_file = path / "config.json"
+    try:
+        config = json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model {ref}: {cfg_file} is missing") from None
+    except ValueError as exc:
+        raise ModelError(f"model {ref}: {cfg_file} is not valid JSON ({exc})") from None
+    index = index_model_dir(path)
+    layout = recognise(index.names, config, where=f"model {ref}")
+    return _Loaded(ref, path, config, index, layout)
+
+
+def _match_module(key: str, layout: ModelLayout) -> Module | None:
+    """Find the block stack a `modules:` key names: its prefix, a decoder alias, or a substring of a prefix."""
+    for m in layout.modules:
+        if m.prefix == key:
+            return m
+    if key in ("text_decoder", "decoder", "language_model", "text", "default"):
+        return layout.main
+    return next((m for m in layout.modules if key in m.prefix), None)
+
+
+def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
+    """Resolve every model, read headers, and lay out the whole merge; raise PlanError listing all problems."""
+    opts = opts or PlanOptions()
+    spec = registry.get(cfg.merge_method)
+    refs = cfg.referenced_models()
+    loaded: list[_Loaded] = []
+    errors: list[str] = []
+    for ref in refs:
+        try:
+            loaded.append(_load(ref, opts.cache_dir))
+        except MergesmithError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise PlanError("cannot read the input models:\n" + "\n".join(f"  - {e}" for e in errors))
+    b = _Builder(cfg, spec, opts, loaded, {m.ref: i for i, m in enumerate(loaded)})
+    donor = b.ids[cfg.base_model] if cfg.base_model else 0
+    donor_layout = loaded[donor].layout
+    out_layers: dict[str, int] = {}
+    slice_sources: list[tuple[int, int]] = []  # (model, layer) feeding each output layer of the main module
+    if cfg.modules:
+        for key, mod in cfg.modules.items():
+            module = _match_module(key, donor_layout)
+            if module is None:
+                prefixes = ", ".join(m.prefix for m in donor_layout.modules)
+                b.problems.append(
+                    f"modules.{key}: no block stack of that name; the base model has: {prefixes}"
+                )
+                continue
+            sl = b.slices_of(mod.models, mod.slices, module)
+            if not b.problems:
+                out_layers[module.prefix] = b.plan_module(sl, mod.parameters, donor, module)
+                if module is donor_layout.main:
+                    slice_sources = [
+                        (s.sources[0].model, s.sources[0].start + k)
+                        for s in sl
+                        for k in range(s.sources[0].end - s.sources[0].start)
+                    ]
+    else:
+        sl = b.slices_of(cfg.models, cfg.slices, None)
+        if not b.problems:
+            out_layers[donor_layout.main.prefix] = b.plan_module(sl, None, donor, donor_layout.main)
+            slice_sources = [
+                (s.sources[0].model, s.sources[0].start + k)
+                for s in sl
+                for k in range(s.sources[0].end - s.sources[0].start)
+            ]
+        if cfg.slices and any(s.residual_weight is not None for s in cfg.slices):
+            b.warnings.append(
+                "residual_weight is accepted for compatibility but has no effect (as in mergekit)"
+            )
+    _check_filters(cfg, b)
+    if b.problems:
+        shown = b.problems[: MAX_LISTED * 3]
+        more = len(b.problems) - len(shown)
+        text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
+        raise PlanError(f"the merge cannot be planned ({len(b.problems)} problems):\n{text}")
+    out_config = _out_config(cfg, loaded, donor, out_layers.get(donor_layout.main.prefix), slice_sources)
+    seen: set[tuple[int, str]] = set()
+    bytes_in = 0
+    for tp in b.tensors:
+        for s in tp.sources:
+            if (s.model, s.name) not in seen:
+                seen.add((s.model, s.name))
+                bytes_in += loaded[s.model].index[s.name].nbytes
+    for w in b.warnings:
+        log.warning(w)
+    models = tuple(InputModel(m.ref, m.path, m.config) for m in loaded)
+    return MergePlan(spec.name, models, tuple(b.tensors), out_config, donor, bytes_in, tuple(b.warnings))
+
+
+def _check_filters(cfg: MergeConfig, b: _Builder) -> None:
+    for path, block, _level in parameter_blocks(cfg):
+        for name, setting in block.items():
+            for filt in P.filters_in(setting):
+                if not any(filt in n for n in b.used_names):
+                    where = ".".join(str(p) for p in path)
+                    b.warnings.append(f"{where}.{name}: filter {filt!r} matches no tensor name")
+
+
+def _out_config(
+    cfg: MergeConfig, loaded: list[_Loaded], donor: int, layers: int | None, feeds: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """The donor's config.json with the layer count, per-layer lists and dtype updated for the output."""
+    out = json.loads(json.dumps(loaded[donor].config))
+    layout = loaded[donor].layout
+    if layers is not None and layout.layer_key and layers != layout.config_layers:
+        node, key = out, layout.layer_key
+        if "." in key:
+            sub, key = key.split(".", 1)
+            node = out[sub]
+        old = node[key]
+        node[key] = layers
+        # Per-layer settings (e.g. layer_types) follow the layers they describe.
+        for k, v in list(node.items()):
+            if isinstance(v, list) and len(v) == old and feeds:
+                src_lists = []
+                for model, layer in feeds:
+                    src_node = (
+                        loaded[model].config if "." not in layout.layer_key else loaded[model].config[sub]
+                    )
+                    src_list = src_node.get(k)
+                    src_lists.append(
+                        src_list[layer] if isinstance(src_list, list) and layer < len(src_list) else v[0]
+                    )
+                node[k] = src_lists
+    dtype = cfg.out_dtype or cfg.dtype
+    if dtype:
+        out["dtype"] = canonical_dtype(dtype)
+        if "torch_dtype" in out:
+            out["torch_dtype"] = out["dtype"]
+    return out
