@@ -20,7 +20,7 @@ from mergesmith.io.index import ShardIndex, TensorInfo, index_model_dir
 from mergesmith.methods import registry
 from mergesmith.methods.spec import MethodSpec
 from mergesmith.models.layout import ModelLayout, Module, recognise
-from mergesmith.models.patterns import TIED_HEADS, VOCAB_HINTS
+from mergesmith.models.patterns import SUB_CONFIG_KEYS, TIED_HEADS, VOCAB_HINTS
 from mergesmith.models.resolve import resolve
 from mergesmith.plan.types import InputModel, MergePlan, Source, TensorPlan
 
@@ -73,6 +73,7 @@ class _Builder:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     used_names: set[str] = field(default_factory=set)
+    vocab_rows: int | None = None  # set when embeddings were truncated to a common vocabulary
 
     # -- normalisation ---------------------------------------------------------------------------
     def slices_of(
@@ -170,6 +171,7 @@ class _Builder:
             tails = {s[1:] for s in shapes}
             if any(h in out_name for h in VOCAB_HINTS) and len(tails) == 1:
                 rows = min(s[0] for s in shapes)
+                self.vocab_rows = rows if self.vocab_rows is None else min(rows, self.vocab_rows)
                 self.warnings.append(
                     f"{out_name}: vocabularies differ ({sorted(s[0] for s in shapes)} rows); keeping the first "
                     f"{rows} rows of each model (set a tokenizer source to merge vocabularies properly)"
@@ -380,6 +382,8 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
         text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
         raise PlanError(f"the merge cannot be planned ({len(b.problems)} problems):\n{text}")
     out_config = _out_config(cfg, loaded, donor, out_layers.get(donor_layout.main.prefix), slice_sources)
+    if b.vocab_rows is not None:
+        _set_vocab_size(out_config, b.vocab_rows)
     seen: set[tuple[int, str]] = set()
     bytes_in = 0
     for tp in b.tensors:
@@ -400,6 +404,15 @@ def _check_filters(cfg: MergeConfig, b: _Builder) -> None:
                 if not any(filt in n for n in b.used_names):
                     where = ".".join(str(p) for p in path)
                     b.warnings.append(f"{where}.{name}: filter {filt!r} matches no tensor name")
+
+
+def _set_vocab_size(config: dict[str, Any], rows: int) -> None:
+    """Make config.json agree with truncated embeddings (top level or the text sub-config)."""
+    if "vocab_size" in config:
+        config["vocab_size"] = rows
+    for sub in SUB_CONFIG_KEYS:
+        if isinstance(config.get(sub), dict) and "vocab_size" in config[sub]:
+            config[sub]["vocab_size"] = rows
 
 
 def _out_config(
