@@ -110,6 +110,8 @@ def run_merge(
         donor = plan.models[plan.donor]
         copied = copy_side_files(donor.path, tmp, options.copy_tokenizer)
         write_json(tmp / "config.json", plan.out_config)
+        # The config under mergekit's file name, which hub tooling already looks for.
+        (tmp / "mergekit_config.yml").write_text(cfg.to_yaml() + "\n", encoding="utf-8")
         if options.write_model_card:
             (tmp / "README.md").write_text(model_card(cfg, cfg.to_yaml(), __version__), encoding="utf-8")
         files = tuple(sorted(p.name for p in tmp.iterdir()))
