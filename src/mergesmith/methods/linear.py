@@ -20,15 +20,16 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
         Param("normalize", bool, "global", True, help="divide by the sum of the weights"),
     ),
     paper="https://arxiv.org/abs/2203.05482",
+    elementwise=True,
 )
 def linear(inputs: MergeInputs) -> torch.Tensor:
     """Weighted sum of every input, divided by the weight total when normalize is set."""
     first = inputs.tensors[0]
     dtype = work_dtype(first)
     weights = [float(p["weight"]) for p in inputs.per_model]
-    out = torch.zeros(first.shape, dtype=dtype, device=first.device)
-    for tensor, w in zip(inputs.tensors, weights):
-        out.add_(tensor.to(dtype), alpha=w)
+    out = first.to(dtype) * weights[0]
+    for tensor, w in zip(inputs.tensors[1:], weights[1:]):
+        out.add_(tensor, alpha=w)  # mixed-dtype add accumulates in `out`'s dtype without a converted copy
     if inputs.params["normalize"]:
         out.div_(torch.tensor(weights, dtype=dtype).sum())
     return out.to(first.dtype)

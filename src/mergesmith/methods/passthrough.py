@@ -12,6 +12,7 @@ from mergesmith.methods.spec import MergeInputs, Param
     "passthrough",
     params=(Param("scale", float, "per_model", None, help="multiply the tensor by this factor"),),
     max_models=1,
+    elementwise=True,
 )
 def passthrough(inputs: MergeInputs) -> torch.Tensor:
     """Return the only input unchanged, or multiplied by its `scale`."""

@@ -55,6 +55,7 @@ def register(
     max_models: int | None = None,
     min_non_base: int = 0,
     random: bool = False,
+    elementwise: bool = False,
     paper: str = "",
     summary: str = "",
 ):
@@ -71,6 +72,7 @@ def register(
                 max_models=max_models,
                 min_non_base=min_non_base,
                 random=random,
+                elementwise=elementwise,
                 paper=paper,
                 summary=summary or (fn.__doc__ or "").strip().split("\n")[0],
             )

@@ -13,29 +13,44 @@ DOT_THRESHOLD = 0.9995  # above this |cos| the two tensors are treated as coline
 EPS = 1e-8
 
 
+CHUNK = 1 << 20  # elements per pass: statistics and output are computed chunk by chunk
+
+
 def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Interpolate from a (t=0) to b (t=1) along the great circle of the flattened tensors.
 
-    Works in float32 (float64 if the inputs are) and returns the input dtype; falls back
-    to plain linear interpolation when the tensors are nearly colinear or antipodal.
+    Works in float32 (float64 if the inputs are) chunk by chunk, so no full-size float32 copy is made,
+    and returns the input dtype; falls back to plain linear interpolation when the tensors are nearly
+    colinear or antipodal.
     """
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    x = a.to(dtype)
-    y = b.to(dtype)
-    na = torch.linalg.vector_norm(x)
-    nb = torch.linalg.vector_norm(y)
-    na = na if na > EPS else torch.ones_like(na)
-    nb = nb if nb > EPS else torch.ones_like(nb)
-    dot = float(((x / na) * (y / nb)).sum().clamp(-1, 1))
+    x, y = a.reshape(-1), b.reshape(-1)
+    sq_a = torch.zeros((), dtype=dtype)
+    sq_b = torch.zeros((), dtype=dtype)
+    for s in range(0, x.numel(), CHUNK):
+        xa, yb = x[s : s + CHUNK].to(dtype), y[s : s + CHUNK].to(dtype)
+        sq_a += xa.square().sum()
+        sq_b += yb.square().sum()
+    na, nb = float(sq_a.sqrt()), float(sq_b.sqrt())
+    na = na if na > EPS else 1.0
+    nb = nb if nb > EPS else 1.0
+    dot_t = torch.zeros((), dtype=dtype)
+    for s in range(0, x.numel(), CHUNK):
+        dot_t += ((x[s : s + CHUNK].to(dtype) / na) * (y[s : s + CHUNK].to(dtype) / nb)).sum()
+    dot = min(1.0, max(-1.0, float(dot_t)))
     if abs(dot) > DOT_THRESHOLD:
         ca, cb = 1.0 - t, t
     else:
         theta = math.acos(dot)
-        s = math.sin(theta)
-        ca = math.sin((1.0 - t) * theta) / s
-        cb = math.sin(t * theta) / s
-    out = x.mul_(ca).add_(y, alpha=cb) if x is not a else x * ca + y * cb
-    return out.to(a.dtype)
+        sin = math.sin(theta)
+        ca = math.sin((1.0 - t) * theta) / sin
+        cb = math.sin(t * theta) / sin
+    out = torch.empty_like(x)
+    for s in range(0, x.numel(), CHUNK):
+        part = x[s : s + CHUNK].to(dtype) * ca
+        part.add_(y[s : s + CHUNK], alpha=cb)
+        out[s : s + CHUNK] = part
+    return out.view(a.shape)
 
 
 @register(

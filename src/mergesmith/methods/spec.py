@@ -118,6 +118,9 @@ class MethodSpec:
     max_models: int | None = None
     min_non_base: int = 0
     random: bool = False
+    # True when each output element depends only on the same element of the inputs (no whole-tensor
+    # statistics): the executor may then feed the method row chunks that stay in cache, and bound memory.
+    elementwise: bool = False
     paper: str = ""
     summary: str = ""
     validate: Callable[[Mapping[str, Any], list[Mapping[str, Any]]], list[str]] | None = field(
