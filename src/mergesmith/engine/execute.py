@@ -40,55 +40,59 @@ class _Failure:
         self.exc = exc
 
 
-def _load_inputs(tp: TensorPlan, readers: list[ModelReader], device: str) -> list[torch.Tensor]:
-    import torch
-
-    out = []
-    dtype = getattr(torch, tp.compute_dtype)
-    for src in tp.sources:
-        t = readers[src.model].read(src.name)
-        if src.rows is not None:
-            t = t[: src.rows]
-        if tp.method != "copy":
-            # Always materialise (copy=True): it forces the read here, off the compute thread, and
-            # detaches the tensor from the mmap so methods may work in place.
-            t = t.to(device=device, dtype=dtype, copy=True)
-        out.append(t)
-    return out
+def _load_inputs(tp: TensorPlan, readers: list[ModelReader]) -> list[torch.Tensor]:
+    """Read the sources of one output tensor in their stored dtype (conversion happens at compute time)."""
+    return [readers[src.model].read(src.name, src.rows) for src in tp.sources]
 
 
-def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int) -> torch.Tensor:
+# Row chunks of about this many elements keep an elementwise merge's working set in the CPU cache.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int, device: str) -> torch.Tensor:
     import torch
 
     if tp.method == "copy":
         first = tensors[0]
         for other in tensors[1:]:
             if other.dtype != first.dtype or not torch.equal(other, first):
-                raise PlanError(
-                    f"non-float tensor {tp.name!r} differs between the input models; cannot merge it"
-                )
-        return first.clone()
+                raise PlanError(f"non-float tensor {tp.name!r} differs between the input models; cannot merge it")
+        return first
     spec = registry.get(tp.method)
+    compute = getattr(torch, tp.compute_dtype)
+    out_dtype = getattr(torch, tp.out_dtype)
     gen = None
     if spec.random:
-        gen = torch.Generator(device=tensors[0].device)
+        gen = torch.Generator(device=device)
         seed = tp.seed if tp.seed is not None else zlib.crc32(f"{fallback_seed}:{tp.name}".encode())
         gen.manual_seed(seed)
-    inputs = MergeInputs(
-        tensors=tuple(tensors),
-        base_index=tp.base_index,
-        params=dict(tp.params),
-        per_model=tuple(dict(p) for p in tp.per_model),
-        name=tp.name,
-        generator=gen,
-    )
+
+    def run(parts: list[torch.Tensor]) -> torch.Tensor:
+        inputs = MergeInputs(
+            tensors=tuple(t.to(device=device, dtype=compute) for t in parts),
+            base_index=tp.base_index,
+            params=dict(tp.params),
+            per_model=tuple(dict(p) for p in tp.per_model),
+            name=tp.name,
+            generator=gen,
+        )
+        return spec.fn(inputs)
+
+    numel = tensors[0].numel()
     with torch.no_grad():
-        result = spec.fn(inputs)
+        if spec.elementwise and len(tensors) > 1 and tensors[0].dim() > 0 and numel > CHUNK_ELEMENTS:
+            result = torch.empty(tp.shape, dtype=out_dtype, device=device)
+            rows = max(1, CHUNK_ELEMENTS // max(1, numel // tp.shape[0]))
+            for start in range(0, tp.shape[0], rows):
+                part = run([t[start : start + rows] for t in tensors])
+                result[start : start + rows] = part
+        else:
+            result = run(tensors)
     if tuple(result.shape) != tp.shape:
         raise MergesmithError(
             f"method {tp.method!r} returned shape {tuple(result.shape)} for {tp.name!r}, expected {tp.shape}"
         )
-    return result.to(dtype=getattr(torch, tp.out_dtype))
+    return result.to(dtype=out_dtype)
 
 
 def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
@@ -110,7 +114,7 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
             for tp in plan.tensors:
                 if stop.is_set():
                     return
-                item = (tp, _load_inputs(tp, readers, opts.device))
+                item = (tp, _load_inputs(tp, readers))
                 while not stop.is_set():
                     try:
                         loaded.put(item, timeout=0.1)
@@ -154,7 +158,7 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
             if write_error:
                 raise write_error[0]
             tp, tensors = item
-            result = _merge(tp, tensors, fallback_seed)
+            result = _merge(tp, tensors, fallback_seed, opts.device)
             del tensors
             if result.device.type != "cpu":
                 result = result.to("cpu")
