@@ -1,8 +1,8 @@
-"""Lazy tensor reading: safetensors through mmap (zero-copy views), pickles only via weights_only."""
+"""Lazy tensor reading: safetensors by positional reads into fresh tensors, pickles only via weights_only."""
 
 from __future__ import annotations
 
-import mmap
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -50,26 +50,29 @@ def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 class ModelReader:
-    """Reads tensors of one model on demand; files are mapped once and shared by every read."""
+    """Reads tensors of one model on demand. Safetensors data is read with positional reads straight into
+    a fresh tensor (no mmap: mapped pages would count against the process and stay resident), so a
+    tensor costs exactly its own bytes and is freed with it. Thread-safe: preadv needs no shared offset."""
 
     def __init__(self, index: ShardIndex) -> None:
         self.index = index
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def _map(self, path: Path) -> mmap.mmap:
+    def _fd(self, path: Path) -> int:
         with self._lock:
-            m = self._maps.get(path)
-            if m is None:
-                with open(path, "rb") as fh:
-                    # ACCESS_COPY: private, writable view so torch.frombuffer needs no copy and no warning.
-                    m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._maps[path] = m
-            return m
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise ModelError(f"cannot open {path}: {exc.strerror}") from None
+                self._fds[path] = fd
+            return fd
 
-    def read(self, name: str) -> torch.Tensor:
-        """The stored tensor `name` (a view into the mapped file for safetensors)."""
+    def read(self, name: str, rows: int | None = None) -> torch.Tensor:
+        """The stored tensor `name` as a new CPU tensor; with `rows`, only its first rows are read."""
         import torch
 
         info = self.index.tensors.get(name)
@@ -80,20 +83,28 @@ class ModelReader:
                 state = self._pickles.get(info.file)
                 if state is None:
                     state = self._pickles[info.file] = load_pickle_state(info.file)
-            return state[name]
-        dtype = getattr(torch, info.dtype)
-        if info.numel == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        buf = self._map(info.file)
-        flat = torch.frombuffer(buf, dtype=dtype, count=info.numel, offset=info.start)
-        return flat.view(info.shape)
+            t = state[name]
+            return t if rows is None else t[:rows]
+        shape = info.shape if rows is None else (min(rows, info.shape[0]), *info.shape[1:])
+        out = torch.empty(shape, dtype=getattr(torch, info.dtype))
+        if out.numel():
+            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+            read_exact(self._fd(info.file), buf, info.start, info.file)
+        return out
 
     def close(self) -> None:
         with self._lock:
             self._pickles.clear()
-            for m in self._maps.values():
-                try:
-                    m.close()
-                except BufferError:  # a tensor view is still alive; the map closes when it is collected
-                    pass
-            self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    """Fill buf from fd at offset, looping over short reads (the kernel caps one read near 2 GiB)."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done : done + (1 << 30)]], offset + done)
+        if n <= 0:
+            raise ModelError(f"{path} ended early: the file is truncated or was changed during the merge")
+        done += n
