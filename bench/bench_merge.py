@@ -192,7 +192,13 @@ def main() -> None:
         if args.mergekit_venv:
             mk_out = w / f"mk-{name}"
             shutil.rmtree(mk_out, ignore_errors=True)
-            mk = [str(Path(args.mergekit_venv) / "bin" / "mergekit-yaml"), str(cfg), str(mk_out), "--random-seed", "1"]
+            mk = [
+                str(Path(args.mergekit_venv) / "bin" / "mergekit-yaml"),
+                str(cfg),
+                str(mk_out),
+                "--random-seed",
+                "1",
+            ]
             mwall, mrss, mstatus = run(mk)
             shutil.rmtree(mk_out, ignore_errors=True)
             line += (

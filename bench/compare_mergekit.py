@@ -133,7 +133,7 @@ def main() -> None:
         cfg = work / f"{method}.yml"
         cfg.write_text(text)
         times = []
-        for cmd, out in (
+        for cmd, _out in (
             (
                 [
                     sys.executable,

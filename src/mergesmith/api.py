@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mergesmith.config.load import load_config, load_config_text
 from mergesmith.config.schema import MergeConfig
+from mergesmith.errors import MergesmithError, OutputError
 from mergesmith.options import MergeOptions
 from mergesmith.plan.build import PlanOptions, build_plan
 from mergesmith.plan.types import MergePlan
@@ -34,10 +35,33 @@ def as_config(config: MergeConfig | str | Path | dict) -> MergeConfig:
 
         return load_config_text(yaml.safe_dump(config))
     if isinstance(config, Path) or (
-        "\n" not in str(config) and Path(str(config)).suffix in (".yml", ".yaml")
+        "\n" not in str(config)
+        and (Path(str(config)).suffix in (".yml", ".yaml") or Path(str(config)).is_file())
     ):
         return load_config(config)
     return load_config_text(str(config))
+
+
+def check_device(device: str) -> None:
+    """Raise MergesmithError unless torch can compute on `device` here (before any output is made)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MergesmithError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergesmithError(f"device {device!r} asked for, but no CUDA device is available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergesmithError(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MergesmithError(f"device {device!r} asked for, but MPS is not available here")
+    elif dev.type != "cpu":
+        raise MergesmithError(f"device {device!r} is not supported: use cpu, cuda, cuda:N, mps or auto")
 
 
 def plan_merge(config: MergeConfig | str | Path | dict, options: MergeOptions | None = None) -> MergePlan:
@@ -81,9 +105,18 @@ def run_merge(
     out = Path(out_path)
     if not options.dry_run:
         check_target(out.absolute(), options.overwrite)  # fail before any planning work
+        check_device(options.resolved_device())
     plan = plan_merge(cfg, options)
     if options.dry_run:
         return MergeResult(None, plan, 0.0, ())
+    target = out.resolve()
+    for m in plan.models:
+        src = Path(m.path).resolve()
+        if target == src or target in src.parents:
+            raise OutputError(
+                f"output path {out} holds input model {m.ref}; writing there would delete it: "
+                "choose another output directory"
+            )
     if options.num_threads:
         import torch
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import load_tensors
 
 from mergesmith import MergeOptions, run_merge
-from tests.conftest import load_tensors
 
 QUIET = MergeOptions(quiet=True)
 
@@ -44,7 +44,9 @@ def test_linear_without_normalize_and_one_model_is_identity(llama_family, tmp_pa
     for k, v in load_tensors(tmp_path / "one").items():
         assert torch.equal(v, ta[k])
     b = llama_family["ft2"]
-    cfg = yaml_models("linear", [(a, {"weight": 0.5}), (b, {"weight": 0.25})], parameters={"normalize": False})
+    cfg = yaml_models(
+        "linear", [(a, {"weight": 0.5}), (b, {"weight": 0.25})], parameters={"normalize": False}
+    )
     run_merge(cfg, tmp_path / "raw", QUIET)
     tb = load_tensors(b)
     for k, v in load_tensors(tmp_path / "raw").items():
@@ -102,8 +104,12 @@ dtype: float32
             t = 0.5
         torch.testing.assert_close(v.double(), plain_slerp(t, ta[k], tb[k]), rtol=1e-4, atol=1e-6)
     # endpoints: layer 0 attention is pure base, layer 3 attention pure fine-tune
-    assert torch.allclose(out["model.layers.0.self_attn.q_proj.weight"], ta["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.allclose(out["model.layers.3.self_attn.q_proj.weight"], tb["model.layers.3.self_attn.q_proj.weight"])
+    assert torch.allclose(
+        out["model.layers.0.self_attn.q_proj.weight"], ta["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert torch.allclose(
+        out["model.layers.3.self_attn.q_proj.weight"], tb["model.layers.3.self_attn.q_proj.weight"]
+    )
 
 
 def test_task_arithmetic_formula_and_precedence(llama_family, tmp_path):
@@ -190,7 +196,9 @@ dtype: float32
         k = f"model.layers.{i}.mlp.down_proj.weight"
         assert torch.equal(out[k], ta[k])
     for j, src in zip(range(3, 6), range(1, 4)):
-        assert torch.equal(out[f"model.layers.{j}.mlp.down_proj.weight"], tb[f"model.layers.{src}.mlp.down_proj.weight"])
+        assert torch.equal(
+            out[f"model.layers.{j}.mlp.down_proj.weight"], tb[f"model.layers.{src}.mlp.down_proj.weight"]
+        )
         o = out[f"model.layers.{j}.self_attn.o_proj.weight"]
         assert torch.equal(o, tb[f"model.layers.{src}.self_attn.o_proj.weight"] * 0.5)
     assert torch.equal(out["model.embed_tokens.weight"], ta["model.embed_tokens.weight"])
@@ -206,7 +214,9 @@ dtype: float32
 
 def test_dtype_and_out_dtype(llama_family, tmp_path):
     a, b = llama_family["ft1"], llama_family["ft2"]
-    cfg = yaml_models("linear", [(a, {"weight": 1}), (b, {"weight": 1})], dtype="bfloat16", out_dtype="float16")
+    cfg = yaml_models(
+        "linear", [(a, {"weight": 1}), (b, {"weight": 1})], dtype="bfloat16", out_dtype="float16"
+    )
     run_merge(cfg, tmp_path / "out", QUIET)
     out, ta, tb = (load_tensors(p) for p in (tmp_path / "out", a, b))
     k = "model.layers.0.mlp.up_proj.weight"
@@ -228,7 +238,13 @@ def test_sharded_output_and_side_files(llama_family, tmp_path):
     assert set(index["weight_map"].values()) == {s.name for s in shards}
     tensors = load_tensors(out_dir)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+    ):
         assert (out_dir / name).is_file(), name
     card = (out_dir / "README.md").read_text()
     assert "merge_method: linear" in card and str(a) in card

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from tests.conftest import load_tensors
 
 from mergesmith import MergeOptions, run_merge
 from mergesmith.io.index import index_model_dir
 from mergesmith.models.layout import recognise
 from mergesmith.testing.tiny_models import ARCHITECTURES
-from tests.conftest import load_tensors
 
 QUIET = MergeOptions(quiet=True)
 PREFIX = {

@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 import torch
+from tests.conftest import load_tensors
 
 from mergesmith import MergeOptions, run_merge
 from mergesmith.config.ref import ModelRef
 from mergesmith.errors import ModelError
 from mergesmith.models.resolve import resolve
-from tests.conftest import load_tensors
 
 
 def fake_hub_cache(cache, repo: str, src, revision_name: str = "main", commit: str = "a" * 40):

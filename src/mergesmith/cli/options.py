@@ -37,6 +37,19 @@ def merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def options_from(kwargs: dict[str, Any]) -> MergeOptions:
-    """Build MergeOptions from click kwargs, leaving unset values at their defaults."""
+    """Build MergeOptions from click kwargs, leaving unset values at their defaults.
+
+    A value MergeOptions rejects (e.g. `--out-shard-size abc`) is a usage error: click prints it and exits 2.
+    """
+    from pydantic import ValidationError
+
     values = {k: kwargs.pop(k) for k in list(kwargs) if k in MergeOptions.model_fields}
-    return MergeOptions(**{k: v for k, v in values.items() if v is not None})
+    try:
+        return MergeOptions(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if repr(err["input"]) not in msg:
+            msg += f" (got {err['input']!r})"
+        raise click.BadParameter(msg, param_hint=f"'--{name.replace('_', '-')}'") from None

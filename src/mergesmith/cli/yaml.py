@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -30,6 +31,7 @@ def yaml_cmd(config_file: str, out_path: str, plugins: tuple[str, ...], **kwargs
 
     verbosity = kwargs.get("verbosity") or 0
     setup_logging(verbosity, bool(kwargs.get("quiet")))
+    options = options_from(kwargs)  # a bad flag value is a usage error (exit 2), raised here for click
 
     def work() -> None:
         from mergesmith.api import run_merge
@@ -38,8 +40,8 @@ def yaml_cmd(config_file: str, out_path: str, plugins: tuple[str, ...], **kwargs
 
         for plugin in plugins:
             load_plugin(plugin)
-        options = options_from(kwargs)
-        result = run_merge(config_file, out_path, options)
+        # A Path, not a str: as_config would read a str without a .yml suffix as YAML text.
+        result = run_merge(Path(config_file), out_path, options)
         if options.dry_run:
             click.echo(render(result.plan, per_tensor=verbosity > 0))
         elif not options.quiet:

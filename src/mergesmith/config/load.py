@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path as FsPath
 from typing import Any
@@ -26,6 +27,10 @@ def load_config(path: str | FsPath) -> MergeConfig:
         raise ConfigError([f"config file {str(p)!r} does not exist"]) from None
     except OSError as exc:
         raise ConfigError([f"cannot read config file {str(p)!r}: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}): is it really a YAML file?"]
+        ) from None
     return load_config_text(text, source=str(p))
 
 
@@ -36,7 +41,7 @@ def load_config_text(text: str, source: str | None = None) -> MergeConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
+        where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"the file is not valid YAML{where}: {problem}"], source) from None
     if not isinstance(data, dict):
@@ -121,6 +126,10 @@ def _pydantic_problems(exc: ValidationError, data: dict[str, Any], root: yaml.No
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = f"required field {path[-1]!r} is missing" if path else msg
+            if path and isinstance(node, dict):  # a misspelt key is the usual reason: point at it
+                close = difflib.get_close_matches(str(path[-1]), [str(k) for k in node], n=1, cutoff=0.6)
+                if close:
+                    msg += f" (is {close[0]!r} a misspelling of it?)"
         elif err["type"] == "literal_error" or "union" in err["type"]:
             msg = f"invalid value {node!r}: {msg}"
         # Keep the most specific message per field: custom value errors beat type noise from union branches.

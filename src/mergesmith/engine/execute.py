@@ -56,7 +56,9 @@ def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int, devi
         first = tensors[0]
         for other in tensors[1:]:
             if other.dtype != first.dtype or not torch.equal(other, first):
-                raise PlanError(f"non-float tensor {tp.name!r} differs between the input models; cannot merge it")
+                raise PlanError(
+                    f"non-float tensor {tp.name!r} differs between the input models; cannot merge it"
+                )
         return first
     spec = registry.get(tp.method)
     compute = getattr(torch, tp.compute_dtype)
@@ -109,21 +111,24 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
     stop = threading.Event()
     progress = Progress(len(plan.tensors), plan.bytes_out, opts.quiet)
 
+    def hand_over(item: Any) -> None:
+        # Never block for good: once stop is set nobody may be reading the queue any more.
+        while not stop.is_set():
+            try:
+                loaded.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def loader() -> None:
         try:
             for tp in plan.tensors:
                 if stop.is_set():
                     return
-                item = (tp, _load_inputs(tp, readers))
-                while not stop.is_set():
-                    try:
-                        loaded.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-            loaded.put(_DONE)
+                hand_over((tp, _load_inputs(tp, readers)))
+            hand_over(_DONE)
         except BaseException as exc:  # handed to the main thread, which reports it
-            loaded.put(_Failure(exc))
+            hand_over(_Failure(exc))
 
     write_error: list[BaseException] = []
 
@@ -150,7 +155,13 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
         th.start()
     try:
         while True:
-            item = loaded.get()
+            try:
+                item = loaded.get(timeout=0.1)
+            except queue.Empty:
+                # A failed write stops the loader, which then hands over nothing: check, don't wait forever.
+                if write_error:
+                    raise write_error[0] from None
+                continue
             if item is _DONE:
                 break
             if isinstance(item, _Failure):
@@ -176,6 +187,7 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
             except queue.Full:
                 pass
         progress.close()
+        threads[0].join()  # the loader sees stop after its current read; only then close its files
         for r in readers:
             r.close()
     return progress.elapsed

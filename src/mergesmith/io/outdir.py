@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -39,23 +40,61 @@ def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `out`; on success move it into place, on any failure delete it."""
     out = Path(out).absolute()
     check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.mergesmith-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create a temporary directory beside {out}: {exc.strerror or exc}"
+        ) from None
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.mergesmith-old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.mergesmith-old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+    except OSError as exc:
+        if old is not None and not out.exists():
+            old.rename(out)  # put the previous output back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot move the finished merge into {out}: {exc.strerror or exc}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temporary siblings of `out` left by runs that were killed (their process is gone).
+
+    Only `-tmp-` directories are removed, never `-old-` ones (those may hold the only copy of a previous
+    output). Only on POSIX, where a pid can be probed without touching the process."""
+    if os.name != "posix":
+        return []
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.mergesmith-tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def is_tokenizer_file(name: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -79,11 +80,20 @@ class ShardWriter:
         self._fh: BinaryIO | None = None
         self._shard = -1
         self.bytes_written = 0
+        # write() and abort() may run on different threads: once abort() returns, no file is touched again.
+        self._lock = threading.Lock()
+        self._aborted = False
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the layout expects, with its dtype and shape."""
+        with self._lock:
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         import torch
 
+        if self._aborted:
+            raise OutputError(f"tensor {name!r} arrived after the write was aborted")
         if self._next >= len(self._order):
             raise OutputError(f"tensor {name!r} arrived after every planned tensor was written")
         si, entry = self._order[self._next]
@@ -94,15 +104,19 @@ class ShardWriter:
                 f"tensor {name!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
                 f"planned {entry.shape} {entry.dtype}"
             )
-        if si != self._shard:
-            self._close_shard()
-            self._shard = si
-            self._fh = open(self.out_dir / self.shards[si].filename, "wb")
-            self._fh.write(self.shards[si].header())
-        assert self._fh is not None
-        if tensor.numel():
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._fh.write(memoryview(data))
+        path = self.out_dir / self.shards[si].filename
+        try:
+            if si != self._shard:
+                self._close_shard()
+                self._shard = si
+                self._fh = open(path, "wb")
+                self._fh.write(self.shards[si].header())
+            assert self._fh is not None
+            if tensor.numel():
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                self._fh.write(memoryview(data))
+        except OSError as exc:  # disk full, quota, directory removed: an output problem, not a bug
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         self.bytes_written += entry.nbytes
         self._next += 1
 
@@ -113,7 +127,10 @@ class ShardWriter:
 
     def finish(self) -> None:
         """Close the last shard and write the index; every planned tensor must have been written."""
-        self._close_shard()
+        with self._lock:
+            if self._aborted:
+                raise OutputError("the write was aborted")
+            self._close_shard()
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise OutputError(f"merge ended before tensor {missing!r} was written")
@@ -123,4 +140,7 @@ class ShardWriter:
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        self._close_shard()
+        """Close any open shard and refuse further writes (the caller deletes the directory)."""
+        with self._lock:
+            self._aborted = True
+            self._close_shard()

@@ -58,6 +58,7 @@ def nuslerp_tensors(
     min_models=2,
     max_models=3,
     min_non_base=2,
+    max_non_base=2,
 )
 def nuslerp(inputs: MergeInputs) -> torch.Tensor:
     """Slerp between exactly two models (or their task vectors when a base model is given)."""

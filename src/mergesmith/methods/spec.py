@@ -117,6 +117,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     min_non_base: int = 0
+    max_non_base: int | None = None
     random: bool = False
     # True when each output element depends only on the same element of the inputs (no whole-tensor
     # statistics): the executor may then feed the method row chunks that stay in cache, and bound memory.
@@ -147,6 +148,11 @@ class MethodSpec:
         if non_base < self.min_non_base:
             return (
                 f"merge method {self.name!r} needs at least {self.min_non_base} model(s) "
+                f"besides the base model, got {non_base}"
+            )
+        if self.max_non_base is not None and non_base > self.max_non_base:
+            return (
+                f"merge method {self.name!r} takes at most {self.max_non_base} model(s) "
                 f"besides the base model, got {non_base}"
             )
         return None

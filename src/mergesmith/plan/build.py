@@ -380,7 +380,8 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
         shown = b.problems[: MAX_LISTED * 3]
         more = len(b.problems) - len(shown)
         text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
-        raise PlanError(f"the merge cannot be planned ({len(b.problems)} problems):\n{text}")
+        n = len(b.problems)
+        raise PlanError(f"the merge cannot be planned ({n} problem{'s' if n > 1 else ''}):\n{text}")
     out_config = _out_config(cfg, loaded, donor, out_layers.get(donor_layout.main.prefix), slice_sources)
     if b.vocab_rows is not None:
         _set_vocab_size(out_config, b.vocab_rows)
