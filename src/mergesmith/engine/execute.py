@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergesmith.engine.progress import Progress
 from mergesmith.errors import MergesmithError, PlanError
-from mergesmith.io.index import index_model_dir
-from mergesmith.io.read import ModelReader
+from mergesmith.io.read import ModelReader, open_model
 from mergesmith.io.write import ShardWriter
 from mergesmith.methods import registry
 from mergesmith.methods.spec import MergeInputs
@@ -60,6 +59,8 @@ def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int, devi
                     f"non-float tensor {tp.name!r} differs between the input models; cannot merge it"
                 )
         return first
+    if tp.vocab is not None:
+        tensors = tp.vocab.align(tensors)
     spec = registry.get(tp.method)
     compute = getattr(torch, tp.compute_dtype)
     out_dtype = getattr(torch, tp.out_dtype)
@@ -99,7 +100,7 @@ def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int, devi
 
 def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
     """Run every tensor of the plan through the writer; return the elapsed seconds."""
-    readers = [ModelReader(index_model_dir(m.path)) for m in plan.models]
+    readers = [open_model(m.path, m.lora) for m in plan.models]
     fallback_seed = random.SystemRandom().randrange(2**31)
     if (
         any(registry.get(t.method).random for t in plan.tensors if t.method != "copy")

@@ -108,3 +108,12 @@ def read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
         if n <= 0:
             raise ModelError(f"{path} ended early: the file is truncated or was changed during the merge")
         done += n
+
+
+def open_model(path: Path, lora: Path | None = None) -> ModelReader:
+    """A reader for the model at `path`; LoRA adapters (`lora`) are applied by io.lora when given."""
+    from mergesmith.io.index import index_model_dir
+
+    if lora is not None:
+        raise ModelError(f"LoRA adapter {lora} cannot be applied: LoRA inputs are not supported yet")
+    return ModelReader(index_model_dir(path))

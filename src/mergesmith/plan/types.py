@@ -16,6 +16,7 @@ class InputModel:
     ref: ModelRef
     path: Path
     config: dict[str, Any] = field(compare=False, hash=False, repr=False)
+    lora: Path | None = None  # adapter directory applied on top of `path` as tensors are read
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class TensorPlan:
     compute_dtype: str
     out_dtype: str
     seed: int | None = None
+    # Vocabulary alignment for embedding-like tensors (built by the tokenizer package): an object with
+    # `align(tensors: list[Tensor]) -> list[Tensor]` mapping each source's rows onto the output vocabulary.
+    vocab: Any = field(default=None, compare=False, hash=False)
 
     @property
     def out_nbytes(self) -> int:
@@ -61,6 +65,7 @@ class MergePlan:
     donor: int  # model whose tokenizer and small files are copied
     bytes_in: int
     warnings: tuple[str, ...] = ()
+    tokenizer: Any = field(default=None, compare=False, hash=False)  # output tokenizer to save, if merged
 
     @property
     def bytes_out(self) -> int:
