@@ -29,9 +29,12 @@ _DONE = object()
 @dataclass(frozen=True)
 class ExecOptions:
     device: str = "cpu"
-    read_ahead: int = 2  # tensors loaded ahead of the one being merged
+    read_ahead: int = 2  # units loaded ahead of the one being merged
     quiet: bool = False
     random_seed: int | None = None
+    fallback_seed: int | None = None  # seed for random methods when random_seed is None (kept on resume)
+    unit_bytes: int = 64 * 10**6  # input bytes per row range of a split elementwise tensor
+    inflight_bytes: int = 10**9  # inputs + outputs held between loader and writer
 
 
 class _Failure:
@@ -48,7 +51,13 @@ def _load_inputs(tp: TensorPlan, readers: list[ModelReader]) -> list[torch.Tenso
 CHUNK_ELEMENTS = 1 << 18
 
 
-def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int, device: str) -> torch.Tensor:
+def _merge(
+    tp: TensorPlan,
+    tensors: list[torch.Tensor],
+    fallback_seed: int,
+    device: str,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
     import torch
 
     if tp.method == "copy":
@@ -81,36 +90,122 @@ def _merge(tp: TensorPlan, tensors: list[torch.Tensor], fallback_seed: int, devi
         )
         return spec.fn(inputs)
 
+    # The expected shape of this piece: the whole tensor, or rows [start, stop) of it.
+    shape = tp.shape if rows is None or not tp.shape else (rows[1] - rows[0], *tp.shape[1:])
     numel = tensors[0].numel()
     with torch.no_grad():
         if spec.elementwise and len(tensors) > 1 and tensors[0].dim() > 0 and numel > CHUNK_ELEMENTS:
-            result = torch.empty(tp.shape, dtype=out_dtype, device=device)
-            rows = max(1, CHUNK_ELEMENTS // max(1, numel // tp.shape[0]))
-            for start in range(0, tp.shape[0], rows):
-                part = run([t[start : start + rows] for t in tensors])
-                result[start : start + rows] = part
+            result = torch.empty(shape, dtype=out_dtype, device=device)
+            step = max(1, CHUNK_ELEMENTS // max(1, numel // shape[0]))
+            for start in range(0, shape[0], step):
+                result[start : start + step] = run([t[start : start + step] for t in tensors])
         else:
             result = run(tensors)
-    if tuple(result.shape) != tp.shape:
+    if tuple(result.shape) != shape:
         raise MergesmithError(
-            f"method {tp.method!r} returned shape {tuple(result.shape)} for {tp.name!r}, expected {tp.shape}"
+            f"method {tp.method!r} returned shape {tuple(result.shape)} for {tp.name!r}, expected {shape}"
         )
     return result.to(dtype=out_dtype)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A piece of work: rows [start, stop) of one output tensor (the whole tensor when not split)."""
+
+    tp: TensorPlan
+    start: int
+    stop: int
+    whole: bool
+
+
+def splittable(tp: TensorPlan) -> bool:
+    """Row ranges of this tensor can be read, merged and written independently."""
+    if tp.method == "copy" or tp.vocab is not None or not tp.shape:
+        return False
+    return registry.get(tp.method).elementwise
+
+
+def plan_units(plan: MergePlan, unit_bytes: int, skip: set[str], readers: list[Any]) -> list[Unit]:
+    """Split large elementwise tensors into row ranges of about `unit_bytes` of input each."""
+    units = []
+    for tp in plan.tensors:
+        if tp.name in skip:
+            continue
+        rows = tp.shape[0] if tp.shape else 0
+        in_bytes = sum(_nbytes(tp, s, readers) for s in tp.sources)
+        ranged = all(hasattr(readers[s.model], "read_range") for s in tp.sources)
+        if not (splittable(tp) and ranged and rows > 1 and in_bytes > unit_bytes):
+            units.append(Unit(tp, 0, rows, True))
+            continue
+        step = max(1, int(rows * unit_bytes / in_bytes))
+        units += [Unit(tp, r, min(rows, r + step), False) for r in range(0, rows, step)]
+    return units
+
+
+def _nbytes(tp: TensorPlan, src: Any, readers: list[Any]) -> int:
+    info = readers[src.model].index.tensors[src.name]
+    if src.rows is None or not info.shape:
+        return info.nbytes
+    return info.nbytes // max(1, info.shape[0]) * src.rows
+
+
+def _unit_bytes(u: Unit, readers: list[Any]) -> int:
+    """Memory a unit holds while in flight: its inputs plus its output, in stored/output dtypes."""
+    rows = max(1, u.tp.shape[0]) if u.tp.shape else 1
+    frac = (u.stop - u.start) / rows if u.tp.shape else 1.0
+    return int(frac * (sum(_nbytes(u.tp, s, readers) for s in u.tp.sources) + u.tp.out_nbytes))
+
+
+def _read_unit(u: Unit, readers: list[Any]) -> list[torch.Tensor]:
+    if u.whole:
+        return _load_inputs(u.tp, readers)
+    return [readers[s.model].read_range(s.name, u.start, u.stop) for s in u.tp.sources]
+
+
+class Budget:
+    """Bytes in flight between loader and writer; a unit larger than the budget still runs, alone."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self._cond:
+            while self.used and self.used + n > self.capacity:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
 def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
-    """Run every tensor of the plan through the writer; return the elapsed seconds."""
+    """Run every tensor of the plan not yet written through the writer; return the elapsed seconds.
+
+    Three threads: the loader reads units ahead (bounded by a byte budget), this thread merges, the writer
+    streams results into the shards. Tensors the writer already holds (resume) are skipped unread."""
     readers = [open_model(m.path, m.lora) for m in plan.models]
-    fallback_seed = random.SystemRandom().randrange(2**31)
+    fallback_seed = (
+        opts.fallback_seed if opts.fallback_seed is not None else random.SystemRandom().randrange(2**31)
+    )
     if (
         any(registry.get(t.method).random for t in plan.tensors if t.method != "copy")
         and opts.random_seed is None
     ):
         log.warning("random merge method without --random-seed: this run used seed %d", fallback_seed)
+    budget = Budget(opts.inflight_bytes)
+    units = plan_units(plan, opts.unit_bytes, writer.done_names, readers)
     loaded: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.read_ahead))
-    merged: queue.Queue[Any] = queue.Queue(maxsize=2)
+    merged: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
-    progress = Progress(len(plan.tensors), plan.bytes_out, opts.quiet)
+    remaining = [u.tp for u in units if u.whole or u.stop == u.tp.shape[0]]
+    progress = Progress(len(remaining), sum(t.out_nbytes for t in remaining), opts.quiet)
 
     def hand_over(item: Any) -> None:
         # Never block for good: once stop is set nobody may be reading the queue any more.
@@ -123,10 +218,11 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
 
     def loader() -> None:
         try:
-            for tp in plan.tensors:
-                if stop.is_set():
+            for u in units:
+                cost = _unit_bytes(u, readers)
+                if stop.is_set() or not budget.acquire(cost, stop):
                     return
-                hand_over((tp, _load_inputs(tp, readers)))
+                hand_over((u, cost, _read_unit(u, readers)))
             hand_over(_DONE)
         except BaseException as exc:  # handed to the main thread, which reports it
             hand_over(_Failure(exc))
@@ -140,10 +236,13 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
                 return
             if write_error:
                 continue
-            name, tensor, nbytes = item
+            u, cost, tensor = item
             try:
-                writer.write(name, tensor)
-                progress.advance(nbytes)
+                writer.write(u.tp.name, tensor)
+                del tensor
+                budget.release(cost)
+                if u.whole or u.stop == u.tp.shape[0]:
+                    progress.advance(u.tp.out_nbytes)
             except BaseException as exc:
                 write_error.append(exc)
                 stop.set()
@@ -169,12 +268,12 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
                 raise item.exc
             if write_error:
                 raise write_error[0]
-            tp, tensors = item
-            result = _merge(tp, tensors, fallback_seed, opts.device)
+            u, cost, tensors = item
+            result = _merge(u.tp, tensors, fallback_seed, opts.device, rows=(u.start, u.stop))
             del tensors
             if result.device.type != "cpu":
                 result = result.to("cpu")
-            merged.put((tp.name, result, tp.out_nbytes))
+            merged.put((u, cost, result))
             del result
         merged.put(_DONE)
         threads[1].join()
@@ -183,10 +282,7 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
     finally:
         stop.set()
         if threads[1].is_alive():
-            try:
-                merged.put_nowait(_DONE)
-            except queue.Full:
-                pass
+            merged.put(_DONE)
         progress.close()
         threads[0].join()  # the loader sees stop after its current read; only then close its files
         for r in readers:

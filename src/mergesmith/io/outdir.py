@@ -36,23 +36,37 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `out`; on success move it into place, on any failure delete it."""
+def atomic_dir(
+    out: Path, overwrite: bool, *, adopt: Path | None = None, keep_on_interrupt: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success move it into place, on failure delete it.
+
+    adopt: the temporary directory of an interrupted run to continue in (resume) instead of a fresh one.
+    keep_on_interrupt: leave the temporary directory on Ctrl-C so that `--resume` can pick it up."""
     out = Path(out).absolute()
     check_target(out, overwrite)
     tmp = out.parent / f".{out.name}.mergesmith-tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        if adopt is not None and adopt != tmp:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            adopt.rename(tmp)
         remove_stale_temps(out)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        if adopt is None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
     except OSError as exc:
         raise OutputError(
             f"cannot create a temporary directory beside {out}: {exc.strerror or exc}"
         ) from None
     try:
         yield tmp
+    except KeyboardInterrupt:
+        if not keep_on_interrupt:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -81,19 +95,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def temp_siblings(out: Path, dead_only: bool = True) -> list[Path]:
+    """Temporary directories beside `out` (`.NAME.mergesmith-tmp-PID`), newest first; with dead_only, only
+    those whose process is gone (killed or interrupted runs). On non-POSIX systems, none."""
+    if os.name != "posix":
+        return []
+    found = []
+    for p in Path(out).absolute().parent.glob(f".{glob.escape(Path(out).name)}.mergesmith-tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and pid.isdigit() and int(pid) != os.getpid():
+            if not dead_only or not _pid_alive(int(pid)):
+                found.append(p)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def remove_stale_temps(out: Path) -> list[Path]:
     """Delete temporary siblings of `out` left by runs that were killed (their process is gone).
 
     Only `-tmp-` directories are removed, never `-old-` ones (those may hold the only copy of a previous
     output). Only on POSIX, where a pid can be probed without touching the process."""
-    if os.name != "posix":
-        return []
     removed = []
-    for p in out.parent.glob(f".{glob.escape(out.name)}.mergesmith-tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if p.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+    for p in temp_siblings(out, dead_only=True):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed
 
 

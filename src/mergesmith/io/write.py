@@ -3,12 +3,14 @@ so each tensor goes straight to its offset in the file and no shard is ever held
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mergesmith._util import ST_DTYPES
 from mergesmith.errors import OutputError
@@ -69,23 +71,46 @@ def layout_shards(entries: list[OutEntry], max_shard_bytes: int) -> list[Shard]:
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
 
 
-class ShardWriter:
-    """Writes tensors in layout order; opens each shard when its first tensor arrives."""
+ShardDone = Callable[[str, str, tuple[str, ...]], None]  # (filename, sha256 hex, tensor names)
 
-    def __init__(self, out_dir: Path, shards: list[Shard]) -> None:
+
+class ShardWriter:
+    """Writes tensors in layout order, whole or as consecutive row chunks; opens each shard when its first
+    bytes arrive, hashes it (sha256) as it goes and reports each completed shard to `on_shard_done`.
+
+    `start_shard` skips shards already completed by an interrupted run (resume)."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        shards: list[Shard],
+        *,
+        start_shard: int = 0,
+        on_shard_done: ShardDone | None = None,
+        done_hashes: dict[str, str] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.shards = shards
         self._order = [(si, e) for si, s in enumerate(shards) for e in s.entries]
-        self._next = 0
+        self._next = sum(len(s.entries) for s in shards[:start_shard])
         self._fh: BinaryIO | None = None
+        self._hash: Any = None
         self._shard = -1
+        self._entry_done = 0  # bytes of the current entry written so far (row-chunked writes)
         self.bytes_written = 0
+        self.hashes: dict[str, str] = dict(done_hashes or {})
+        self._on_shard_done = on_shard_done
         # write() and abort() may run on different threads: once abort() returns, no file is touched again.
         self._lock = threading.Lock()
         self._aborted = False
 
+    @property
+    def done_names(self) -> set[str]:
+        """Names of the tensors fully written so far (including those of skipped, completed shards)."""
+        return {e.name for _, e in self._order[: self._next]}
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; it must be the one the layout expects, with its dtype and shape."""
+        """Append the next tensor, or the next rows of it; it must be what the layout expects next."""
         with self._lock:
             self._write(name, tensor)
 
@@ -99,7 +124,15 @@ class ShardWriter:
         si, entry = self._order[self._next]
         if entry.name != name:
             raise OutputError(f"writer expected tensor {entry.name!r} next, got {name!r}")
-        if tuple(tensor.shape) != entry.shape or str(tensor.dtype).removeprefix("torch.") != entry.dtype:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        whole = tuple(tensor.shape) == entry.shape
+        rows_ok = (
+            len(entry.shape) > 0
+            and tuple(tensor.shape[1:]) == entry.shape[1:]
+            and tensor.dim() == len(entry.shape)
+        )
+        nbytes = tensor.numel() * tensor.element_size()
+        if dtype != entry.dtype or not (whole or rows_ok) or self._entry_done + nbytes > entry.nbytes:
             raise OutputError(
                 f"tensor {name!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
                 f"planned {entry.shape} {entry.dtype}"
@@ -110,20 +143,35 @@ class ShardWriter:
                 self._close_shard()
                 self._shard = si
                 self._fh = open(path, "wb")
-                self._fh.write(self.shards[si].header())
+                header = self.shards[si].header()
+                self._hash = hashlib.sha256(header)
+                self._fh.write(header)
             assert self._fh is not None
-            if tensor.numel():
-                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-                self._fh.write(memoryview(data))
+            if nbytes:
+                data = memoryview(
+                    tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                )
+                self._hash.update(data)
+                self._fh.write(data)
         except OSError as exc:  # disk full, quota, directory removed: an output problem, not a bug
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        self.bytes_written += entry.nbytes
-        self._next += 1
+        self._entry_done += nbytes
+        self.bytes_written += nbytes
+        if self._entry_done == entry.nbytes:
+            self._entry_done = 0
+            self._next += 1
+            if self._next == len(self._order) or self._order[self._next][0] != si:
+                self._close_shard()
 
     def _close_shard(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+            shard = self.shards[self._shard]
+            digest = self._hash.hexdigest()
+            self.hashes[shard.filename] = digest
+            if self._on_shard_done is not None and not self._aborted:
+                self._on_shard_done(shard.filename, digest, tuple(e.name for e in shard.entries))
 
     def finish(self) -> None:
         """Close the last shard and write the index; every planned tensor must have been written."""
@@ -143,4 +191,6 @@ class ShardWriter:
         """Close any open shard and refuse further writes (the caller deletes the directory)."""
         with self._lock:
             self._aborted = True
-            self._close_shard()
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
