@@ -136,3 +136,17 @@ def test_generator_on_another_device_is_used_there() -> None:
     a = P.bernoulli_draw(probs, torch.Generator().manual_seed(3))
     b = P.bernoulli_draw(probs, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_kth_smallest_is_exact_on_large_tensors_with_ties():
+    from mergesmith.methods.primitives import kth_smallest
+
+    g = torch.Generator().manual_seed(3)
+    for values in (
+        torch.randn(3_000_000, generator=g).abs(),
+        torch.randn(3_000_000, generator=g).bfloat16().float().abs(),  # heavy ties
+        torch.zeros(2_000_000),
+    ):
+        n = values.numel()
+        for k in (1, 7, n // 3, n // 2, n - 3, n):
+            assert kth_smallest(values, k).item() == values.kthvalue(k).values.item()

@@ -12,6 +12,8 @@ magnitude, the ones that come first in the flattened tensor are kept. Selection 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mergesmith.errors import MethodError
@@ -28,6 +30,31 @@ def float_dtype(t: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------- selection
 
 
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a 1-D tensor: exactly `flat.kthvalue(k).values`, faster.
+
+    For large tensors a sorted random sample brackets the answer; one counting pass and one masked
+    select keep only the entries inside the bracket, and `kthvalue` runs on that small band. The sample
+    only guides the search (its seed is fixed and it never touches the caller's generator): the result is
+    exact, and when the bracket misses, the full `kthvalue` runs instead.
+    """
+    n = flat.numel()
+    if n <= 1 << 20:
+        return flat.kthvalue(k).values
+    m = 1 << 16
+    g = torch.Generator(device=flat.device).manual_seed(0)
+    sample = flat[torch.randint(n, (m,), generator=g, device=flat.device)].sort().values
+    q = k / n
+    margin = 6 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+    lo = sample[max(0, int((q - margin) * m))]
+    hi = sample[min(m - 1, math.ceil((q + margin) * m))]
+    below = int((flat < lo).sum())
+    band = flat[(flat >= lo) & (flat <= hi)]
+    if below < k <= below + band.numel():
+        return band.kthvalue(k - below).values
+    return flat.kthvalue(k).values
+
+
 def rank_window_mask(scores: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Boolean mask of the entries ranked start .. stop-1 when ordered largest first.
 
@@ -42,8 +69,8 @@ def rank_window_mask(scores: torch.Tensor, start: int, stop: int) -> torch.Tenso
     if stop <= start:
         return mask.view(scores.shape)
     # kthvalue is 1-based and ascending: rank r (0-based, descending) is the (n - r)-th smallest.
-    high = flat.max() if start == 0 else flat.kthvalue(n - start).values  # score of the first kept rank
-    low = flat.min() if stop == n else flat.kthvalue(n - stop + 1).values  # score of the last kept rank
+    high = flat.max() if start == 0 else kth_smallest(flat, n - start)  # score of the first kept rank
+    low = flat.min() if stop == n else kth_smallest(flat, n - stop + 1)  # score of the last kept rank
     mask = (flat < high) & (flat > low)
     for edge in (high,) if bool(high == low) else (high, low):
         # Entries equal to `edge` occupy ranks first .. first+len(ties)-1, in index order.
