@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergesmith.config.load import load_config, load_config_text
 from mergesmith.config.schema import MergeConfig
-from mergesmith.errors import MergesmithError, OutputError
+from mergesmith.errors import MergesmithError, OutputError, PlanError
 from mergesmith.options import MergeOptions
 from mergesmith.plan.build import PlanOptions, build_plan
 from mergesmith.plan.types import MergePlan
+
+if TYPE_CHECKING:
+    from mergesmith.engine.execute import ExecOptions
 
 log = logging.getLogger("mergesmith")
 
@@ -64,6 +70,58 @@ def check_device(device: str) -> None:
         raise MergesmithError(f"device {device!r} is not supported: use cpu, cuda, cuda:N, mps or auto")
 
 
+def exec_options(plan: MergePlan, options: MergeOptions) -> ExecOptions:
+    """Execution settings for a plan; with --max-memory, refuse up front a tensor that cannot fit."""
+    from mergesmith._util import human_bytes
+    from mergesmith.engine.execute import ExecOptions, splittable
+
+    unit, inflight = 64 * 10**6, 10**9
+    if options.max_memory is not None:
+        budget = options.max_memory
+        unit, inflight = max(1, min(unit, budget // 8)), max(1, budget // 2)
+        worst, need = None, 0
+        for t in plan.tensors:
+            if splittable(t):
+                continue
+            # A whole-tensor method holds its inputs and a few float32 working copies of the tensor.
+            numel = t.out_nbytes // max(1, _itemsize(t.out_dtype))
+            est = (len(t.sources) + 2) * numel * 4
+            if est > need:
+                worst, need = t, est
+        if worst is not None and need > budget:
+            raise PlanError(
+                f"--max-memory {human_bytes(budget)} is too small: tensor {worst.name!r} ({list(worst.shape)}) "
+                f"needs about {human_bytes(need)} with merge method {worst.method!r}, which cannot split it "
+                "into row chunks; raise --max-memory"
+            )
+    return ExecOptions(
+        device=options.resolved_device(),
+        read_ahead=options.read_ahead,
+        quiet=options.quiet,
+        random_seed=options.random_seed,
+        unit_bytes=unit,
+        inflight_bytes=inflight,
+    )
+
+
+def _itemsize(dtype: str) -> int:
+    from mergesmith._util import torch_dtype
+
+    return torch_dtype(dtype).itemsize
+
+
+def _write_side_files(plan: MergePlan, dest: Path, copy_tokenizer: bool) -> list[str]:
+    """The donor's small files, then the merged tokenizer or chat template when the config asks for one."""
+    from mergesmith.io.outdir import copy_side_files
+
+    out_tok = plan.tokenizer
+    keep_donor_tokenizer = copy_tokenizer and (out_tok is None or not out_tok.replaces_donor_files)
+    copied = copy_side_files(plan.models[plan.donor].path, dest, keep_donor_tokenizer)
+    if out_tok is not None:
+        copied += [f for f in out_tok.save(dest, copy_tokenizer) if f not in copied]
+    return copied
+
+
 def plan_merge(config: MergeConfig | str | Path | dict, options: MergeOptions | None = None) -> MergePlan:
     """Validate the config and build the full plan (reads only file headers)."""
     options = options or MergeOptions()
@@ -74,6 +132,7 @@ def plan_merge(config: MergeConfig | str | Path | dict, options: MergeOptions | 
             allow_crimes=options.allow_crimes,
             random_seed=options.random_seed,
             cache_dir=options.transformers_cache,
+            lora_merge_cache=None if options.dry_run else options.lora_merge_cache,
         ),
     )
 
@@ -95,9 +154,11 @@ def run_merge(
         MergesmithError: any problem with the config, the inputs or the output, with a readable message.
     """
     from mergesmith import __version__
-    from mergesmith.engine.execute import ExecOptions, execute
+    from mergesmith.engine.execute import execute
+    from mergesmith.engine.resume import Journal, find_resumable, fingerprint
     from mergesmith.io.card import model_card
-    from mergesmith.io.outdir import atomic_dir, check_target, copy_side_files, write_json
+    from mergesmith.io.manifest import describe_input, write_manifest
+    from mergesmith.io.outdir import atomic_dir, check_target, write_json
     from mergesmith.io.write import OutEntry, ShardWriter, layout_shards
 
     options = options or MergeOptions()
@@ -111,42 +172,57 @@ def run_merge(
         return MergeResult(None, plan, 0.0, ())
     target = out.resolve()
     for m in plan.models:
-        src = Path(m.path).resolve()
-        if target == src or target in src.parents:
-            raise OutputError(
-                f"output path {out} holds input model {m.ref}; writing there would delete it: "
-                "choose another output directory"
-            )
+        for src in (Path(m.path).resolve(), *([Path(m.lora).resolve()] if m.lora else [])):
+            if target == src or target in src.parents:
+                raise OutputError(
+                    f"output path {out} holds input model {m.ref}; writing there would delete it: "
+                    "choose another output directory"
+                )
     if options.num_threads:
         import torch
 
         torch.set_num_threads(options.num_threads)
     entries = [OutEntry(t.name, t.out_dtype, t.shape) for t in plan.tensors]
     shards = layout_shards(entries, options.out_shard_size)
-    with atomic_dir(out, options.overwrite) as tmp:
-        writer = ShardWriter(tmp, shards)
+    exec_opts = exec_options(plan, options)
+    fp = fingerprint(plan, shards)
+    resumed = find_resumable(out, fp, shards) if options.resume else None
+    if options.resume:
+        done = len(resumed.done) if resumed else 0
+        log.warning("resume: %d of %d shards already complete and verified", done, len(shards))
+    seed = resumed.seed if resumed else random.SystemRandom().randrange(2**31)
+    with atomic_dir(
+        out, options.overwrite, adopt=resumed.directory if resumed else None, keep_on_interrupt=options.resume
+    ) as tmp:
+        journal = Journal(tmp, fp, seed, resumed)
+        writer = ShardWriter(
+            tmp,
+            shards,
+            start_shard=len(resumed.done) if resumed else 0,
+            on_shard_done=journal.shard_done,
+            done_hashes=dict(resumed.done) if resumed else None,
+        )
         try:
-            seconds = execute(
-                plan,
-                writer,
-                ExecOptions(
-                    device=options.resolved_device(),
-                    read_ahead=options.read_ahead,
-                    quiet=options.quiet,
-                    random_seed=options.random_seed,
-                ),
-            )
+            seconds = execute(plan, writer, dataclasses.replace(exec_opts, fallback_seed=seed))
             writer.finish()
         except BaseException:
             writer.abort()
             raise
-        donor = plan.models[plan.donor]
-        copied = copy_side_files(donor.path, tmp, options.copy_tokenizer)
+        journal.remove()
+        copied = _write_side_files(plan, tmp, options.copy_tokenizer)
         write_json(tmp / "config.json", plan.out_config)
         # The config under mergekit's file name, which hub tooling already looks for.
         (tmp / "mergekit_config.yml").write_text(cfg.to_yaml() + "\n", encoding="utf-8")
         if options.write_model_card:
             (tmp / "README.md").write_text(model_card(cfg, cfg.to_yaml(), __version__), encoding="utf-8")
+        inputs = [describe_input(str(m.ref), m.path, m.lora) for m in plan.models]
+        write_manifest(
+            tmp,
+            inputs,
+            writer.hashes,
+            __version__,
+            options.random_seed if options.random_seed is not None else seed,
+        )
         files = tuple(sorted(p.name for p in tmp.iterdir()))
     log.info("wrote %s (%d tensors, %d shards, %s)", out, len(plan.tensors), len(shards), ", ".join(copied))
     return MergeResult(out, plan, seconds, files)

@@ -29,20 +29,40 @@ class MergeOptions(BaseModel):
         False, description="Accepted for mergekit compatibility; pickles are always read lazily via mmap."
     )
     trust_remote_code: bool = Field(
-        False, description="Allow custom model code from the hub (off by default)."
+        False,
+        description="Accepted for mergekit compatibility: mergesmith never runs model code from the hub.",
     )
     transformers_cache: str | None = Field(None, description="Hugging Face cache directory for hub models.")
+    lora_merge_cache: str | None = Field(
+        None,
+        description="Directory to keep base+adapter merges in (written while planning) and reuse on later runs.",
+    )
     overwrite: bool = Field(False, description="Replace a non-empty output directory.")
     dry_run: bool = Field(False, description="Print the plan and exit without reading any tensor data.")
     read_ahead: int = Field(2, ge=1, description="How many tensors to load ahead of the one being merged.")
     num_threads: int | None = Field(None, ge=1, description="Threads torch may use for compute.")
+    max_memory: int | None = Field(
+        None,
+        description="Memory budget for tensor data, e.g. 8GB: large elementwise merges are done in row "
+        "chunks, and a merge that cannot fit is refused before it starts.",
+    )
+    resume: bool = Field(
+        False,
+        description="Continue an interrupted merge into the same output from its last completed shard "
+        "(completed shards are verified by checksum); keep partial work if interrupted again.",
+    )
     quiet: bool = Field(False, description="No progress bar.")
     verbosity: int = Field(0, ge=0, description="More logging (-v, -vv).")
 
-    @field_validator("out_shard_size", mode="before")
+    @field_validator("out_shard_size", "max_memory", mode="before")
     @classmethod
-    def _size(cls, v: object) -> int:
-        return parse_size(v) if isinstance(v, (str, int)) else v  # type: ignore[return-value]
+    def _size(cls, v: object) -> int | None:
+        if v is None:
+            return None
+        n = parse_size(v) if isinstance(v, (str, int)) else v
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"size must be positive, got {v!r}")
+        return n
 
     def resolved_device(self) -> str:
         """The torch device string this run computes on."""

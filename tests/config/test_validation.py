@@ -150,22 +150,24 @@ BAD_CONFIGS = [
         5,
     ),
     (
-        "tokenizer-source",
-        "merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
-        ["tokenizer_source", "not supported yet"],
+        "chat-template-unknown-name",
+        "merge_method: linear\nchat_template: chatlm\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+        ["chat_template", "is not 'auto', a built-in template", "did you mean 'chatml'?"],
         2,
     ),
     (
-        "tokenizer-block",
-        "merge_method: linear\ntokenizer:\n  source: base\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
-        ["tokenizer", "not supported yet"],
+        "chat-template-broken-jinja",
+        "merge_method: linear\nchat_template: \"{% for m in messages %}{{ m['content'] }}\"\nmodels:\n"
+        "  - model: a\n    parameters: {weight: 1}\n",
+        ["chat_template", "not valid Jinja"],
         2,
     ),
     (
-        "chat-template",
-        "merge_method: linear\nchat_template: chatml\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
-        ["chat_template", "not supported yet"],
-        2,
+        "token-source-kind",
+        "merge_method: linear\ntokenizer:\n  tokens:\n    x:\n      source: {kind: bogus}\nmodels:\n"
+        "  - model: a\n    parameters: {weight: 1}\n",
+        ["tokenizer.tokens.x.source", "a token's source is a model"],
+        5,
     ),
     (
         "misspelt-top-level-key",
@@ -274,14 +276,14 @@ models:
 
 
 def test_structural_and_method_problems_are_reported_together():
-    text = "merge_method: slerpp\ndtype: nope\ntokenizer_source: base\nmodels:\n  - model: a\n"
+    text = "merge_method: slerpp\ndtype: nope\nchat_template: chatlm\nmodels:\n  - model: a\n"
     with pytest.raises(ConfigError) as info:
         load_config_text(text)
     joined = "\n".join(info.value.problems)
     assert len(info.value.problems) == 3, info.value.problems
     assert "unknown dtype 'nope'" in joined
     assert "unknown merge method 'slerpp' (did you mean 'slerp'?)" in joined
-    assert "tokenizer_source (line 3)" in joined and "not supported yet" in joined
+    assert "chat_template (line 3)" in joined and "did you mean 'chatml'?" in joined
 
 
 def test_unknown_parameters_in_several_places_are_all_reported():

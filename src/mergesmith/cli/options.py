@@ -12,7 +12,7 @@ from mergesmith.options import MergeOptions
 # Boolean options that default to on get a --no-X form; the rest are plain switches.
 _NEGATABLE = {"copy_tokenizer", "write_model_card"}
 _SHORT = {"verbosity": "-v", "quiet": "-q"}
-_HIDDEN_TYPES = {"out_shard_size": str}
+_HIDDEN_TYPES = {"out_shard_size": str, "max_memory": str}
 
 
 def merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:

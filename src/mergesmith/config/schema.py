@@ -8,8 +8,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
+    Tag,
     field_validator,
     model_validator,
 )
@@ -103,8 +105,28 @@ class ZeroTokenSource(_Model):
     kind: Literal["zero"]
 
 
+def _token_source_tag(value: Any) -> str:
+    # A mapping with `kind` is a token source of that kind; anything else is a model reference.
+    if isinstance(value, dict) and "kind" in value:
+        return str(value["kind"])
+    return getattr(value, "kind", "model") if isinstance(value, _Model) else "model"
+
+
+TokenSource = Annotated[
+    Annotated[ModelTokenSource, Tag("model_token")]
+    | Annotated[ZeroTokenSource, Tag("zero")]
+    | Annotated[Ref, Tag("model")],
+    Discriminator(
+        _token_source_tag,
+        custom_error_type="token_source",
+        custom_error_message="a token's source is a model, {kind: model_token, model: ..., token: ...} "
+        "(or token_id: ...), or {kind: zero}",
+    ),
+]
+
+
 class TokenEmbedding(_Model):
-    source: ModelTokenSource | ZeroTokenSource | Ref | None = None
+    source: TokenSource | None = None
     force: bool = False
 
 

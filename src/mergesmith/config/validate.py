@@ -14,13 +14,7 @@ from mergesmith.config.schema import MergeConfig, OutputSlice
 Path = tuple[str | int, ...]
 
 # Fields parsed and validated now, implemented by a later release: refusing beats silently ignoring.
-NOT_YET = {
-    "tokenizer_source": "tokenizer_source is not supported yet (tokenizer merging arrives in a later release); "
-    "remove it to keep the base model's tokenizer",
-    "tokenizer": "the tokenizer block is not supported yet (tokenizer merging arrives in a later release); "
-    "remove it to keep the base model's tokenizer",
-    "chat_template": "chat_template is not supported yet; remove it to keep the base model's template",
-}
+NOT_YET: dict[str, str] = {}
 
 
 @dataclass
@@ -107,6 +101,7 @@ def check_config(cfg: MergeConfig) -> Findings:
             f.error((key,), msg)
     _unknown_fields(cfg, f)
     _slice_lengths(cfg, f)
+    _tokenizer_settings(cfg, f)
     try:
         spec = registry.get(cfg.merge_method)
     except MethodError as exc:
@@ -194,6 +189,33 @@ def _required_params(cfg: MergeConfig, spec: Any, group: SliceGroup, f: Findings
                 continue
             if param.name not in top | slice_level | per_source.get(model, set()):
                 f.error(path, f"model {model} needs parameter {param.name!r} for merge method {spec.name!r}")
+
+
+def _tokenizer_settings(cfg: MergeConfig, f: Findings) -> None:
+    """chat_template must be usable as written; token sources should name models of the merge."""
+    from mergesmith.config.chat_template import template_kind, template_problem
+
+    if cfg.chat_template is not None:
+        try:
+            kind, text = template_kind(cfg.chat_template)
+        except ValueError as exc:
+            f.error(("chat_template",), str(exc))
+        else:
+            problem = template_problem(text) if kind == "literal" else None
+            if problem:
+                f.error(("chat_template",), problem)
+    if cfg.tokenizer is None or not cfg.tokenizer.tokens:
+        return
+    known = set(cfg.referenced_models())
+    for token, setting in cfg.tokenizer.tokens.items():
+        src = setting.source
+        model = src if isinstance(src, ModelRef) else getattr(src, "model", None)
+        if model is not None and model not in known:
+            f.warn(
+                ("tokenizer", "tokens", token, "source"),
+                f"model {model} is not one of the merged models, so {token!r} cannot take its embedding "
+                "from it: planning fails if an input lacks the token (or it is forced)",
+            )
 
 
 def _slice_lengths(cfg: MergeConfig, f: Findings) -> None:

@@ -28,12 +28,15 @@ def fingerprint(plan: MergePlan, shards: list[Shard]) -> str:
     h = hashlib.sha256()
     for m in plan.models:
         h.update(f"model {m.ref} {m.path} {m.lora}\n".encode())
-        for f in sorted(Path(m.path).glob("*.safetensors")) + sorted(Path(m.path).glob("*.bin")):
-            st = f.stat()
-            h.update(f"  {f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+        for d in (Path(m.path), *([Path(m.lora)] if m.lora else [])):
+            for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+                st = f.stat()
+                h.update(f"  {f} {st.st_size} {st.st_mtime_ns}\n".encode())
     for t in plan.tensors:
         h.update(repr((t.name, t.method, t.sources, t.base_index, t.params, t.per_model, t.shape)).encode())
         h.update(repr((t.compute_dtype, t.out_dtype, t.seed)).encode())
+        if t.vocab is not None:  # embedding rows re-indexed onto a merged vocabulary
+            h.update(t.vocab.digest().encode())
     for s in shards:
         h.update(s.header())
     return h.hexdigest()

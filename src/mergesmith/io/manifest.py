@@ -39,15 +39,28 @@ def hub_revision(path: Path) -> str | None:
     return None
 
 
-def describe_input(ref: str, path: Path) -> dict[str, Any]:
+def _weight_files(directory: Path) -> list[dict[str, Any]]:
     files = []
-    for f in sorted(Path(path).iterdir()):
+    for f in sorted(Path(directory).iterdir()):
         if f.suffix in (".safetensors", ".bin") and f.is_file():
             entry: dict[str, Any] = {"name": f.name, "size": f.stat().st_size}
             if f.suffix == ".safetensors":
                 entry["header_sha256"] = _header_digest(f)
             files.append(entry)
-    return {"model": ref, "path": str(path), "revision": hub_revision(path), "files": files}
+    return files
+
+
+def describe_input(ref: str, path: Path, lora: Path | None = None) -> dict[str, Any]:
+    """One input model: where it is, its hub revision if any, its weight files (and its LoRA adapter's)."""
+    out: dict[str, Any] = {
+        "model": ref,
+        "path": str(path),
+        "revision": hub_revision(path),
+        "files": _weight_files(path),
+    }
+    if lora is not None:
+        out["adapter"] = {"path": str(lora), "revision": hub_revision(lora), "files": _weight_files(lora)}
+    return out
 
 
 def write_manifest(

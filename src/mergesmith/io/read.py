@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from mergesmith.io.index import ShardIndex
+    from mergesmith.io.lora import LoraReader
 
 
 class TensorReader(Protocol):
@@ -35,11 +36,7 @@ def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"refusing to load {path}: it is a pickle that needs code execution to open "
-            f"(torch.load weights_only=True rejected it: {str(exc).splitlines()[0]}). Convert it to "
-            "safetensors with a tool you trust."
-        ) from None
+        raise ModelError(_unsafe_pickle_message(path, str(exc))) from None
     except Exception as exc:
         raise ModelError(f"cannot read {path}: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -47,6 +44,24 @@ def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a plain dictionary of tensors")
     return state
+
+
+def _unsafe_pickle_message(path: Path, reason: str) -> str:
+    """Say what torch's weights_only unpickler refused, without its advice to turn the check off."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", reason)
+    if found:
+        what = f"it is a pickle that would import and call {found[1]} while loading"
+    else:
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", reason)
+        what = "it is not a plain PyTorch checkpoint of tensors (or it is corrupt)" + (
+            f": {detail[1].strip()}" if detail else ""
+        )
+    return (
+        f"refusing to load {path}: {what}. Pickles are only opened with torch.load(weights_only=True), "
+        "which never runs code from the file; convert it to safetensors with a tool you trust."
+    )
 
 
 class ModelReader:
@@ -92,6 +107,23 @@ class ModelReader:
             read_exact(self._fd(info.file), buf, info.start, info.file)
         return out
 
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (dim 0), reading only those bytes."""
+        import torch
+
+        info = self.index.tensors.get(name)
+        if info is None:
+            raise ModelError(f"tensor {name!r} is not in the model at {self.index.root}")
+        if self.index.format == "pickle":
+            return self.read(name)[start:stop]
+        stop = min(stop, info.shape[0])
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        out = torch.empty((max(0, stop - start), *info.shape[1:]), dtype=getattr(torch, info.dtype))
+        if out.numel():
+            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+            read_exact(self._fd(info.file), buf, info.start + start * row_bytes, info.file)
+        return out
+
     def close(self) -> None:
         with self._lock:
             self._pickles.clear()
@@ -110,10 +142,18 @@ def read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
         done += n
 
 
-def open_model(path: Path, lora: Path | None = None) -> ModelReader:
-    """A reader for the model at `path`; LoRA adapters (`lora`) are applied by io.lora when given."""
+def open_model(path: Path, lora: Path | None = None) -> ModelReader | LoraReader:
+    """A reader for the model at `path`; with `lora`, a reader that applies that PEFT adapter to each tensor
+    as it is read (io.lora.LoraReader: same index, `read` and `read_range` as a ModelReader)."""
     from mergesmith.io.index import index_model_dir
 
-    if lora is not None:
-        raise ModelError(f"LoRA adapter {lora} cannot be applied: LoRA inputs are not supported yet")
-    return ModelReader(index_model_dir(path))
+    reader = ModelReader(index_model_dir(path))
+    if lora is None:
+        return reader
+    from mergesmith.io.lora import open_lora_model
+
+    try:
+        return open_lora_model(reader, Path(lora))
+    except BaseException:
+        reader.close()
+        raise

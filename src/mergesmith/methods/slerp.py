@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mergesmith.methods.registry import register
@@ -21,35 +19,32 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Works in float32 (float64 if the inputs are) chunk by chunk, so no full-size float32 copy is made,
     and returns the input dtype; falls back to plain linear interpolation when the tensors are nearly
-    colinear or antipodal.
+    colinear or antipodal. The reductions follow mergekit's order (per-chunk norms, then the norm of
+    those; per-chunk dot products, then their sum) so the coefficients agree with it bit for bit.
     """
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     x, y = a.reshape(-1), b.reshape(-1)
-    sq_a = torch.zeros((), dtype=dtype)
-    sq_b = torch.zeros((), dtype=dtype)
-    for s in range(0, x.numel(), CHUNK):
-        xa, yb = x[s : s + CHUNK].to(dtype), y[s : s + CHUNK].to(dtype)
-        sq_a += xa.square().sum()
-        sq_b += yb.square().sum()
-    na, nb = float(sq_a.sqrt()), float(sq_b.sqrt())
-    na = na if na > EPS else 1.0
-    nb = nb if nb > EPS else 1.0
-    dot_t = torch.zeros((), dtype=dtype)
-    for s in range(0, x.numel(), CHUNK):
-        dot_t += ((x[s : s + CHUNK].to(dtype) / na) * (y[s : s + CHUNK].to(dtype) / nb)).sum()
-    dot = min(1.0, max(-1.0, float(dot_t)))
-    if abs(dot) > DOT_THRESHOLD:
-        ca, cb = 1.0 - t, t
+    n = x.numel()
+    if n == 0:
+        return a.clone()
+    spans = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+    norms_a = torch.stack([torch.linalg.vector_norm(x[i:j].to(dtype)) for i, j in spans])
+    norms_b = torch.stack([torch.linalg.vector_norm(y[i:j].to(dtype)) for i, j in spans])
+    na, nb = torch.linalg.vector_norm(norms_a), torch.linalg.vector_norm(norms_b)
+    na = torch.where(na > EPS, na, torch.ones_like(na))
+    nb = torch.where(nb > EPS, nb, torch.ones_like(nb))
+    dot = torch.stack([((x[i:j].to(dtype) / na) * (y[i:j].to(dtype) / nb)).sum() for i, j in spans])
+    dot = dot.sum().clamp(-1, 1)
+    tt = torch.tensor(t, dtype=dtype)
+    if bool(dot.abs() > DOT_THRESHOLD):
+        ca, cb = 1 - tt, tt
     else:
-        theta = math.acos(dot)
-        sin = math.sin(theta)
-        ca = math.sin((1.0 - t) * theta) / sin
-        cb = math.sin(t * theta) / sin
+        theta = torch.acos(dot)
+        sin = torch.sin(theta)
+        ca, cb = torch.sin((1 - tt) * theta) / sin, torch.sin(tt * theta) / sin
     out = torch.empty_like(x)
-    for s in range(0, x.numel(), CHUNK):
-        part = x[s : s + CHUNK].to(dtype) * ca
-        part.add_(y[s : s + CHUNK], alpha=cb)
-        out[s : s + CHUNK] = part
+    for i, j in spans:
+        out[i:j] = ca * x[i:j].to(dtype) + cb * y[i:j].to(dtype)
     return out.view(a.shape)
 
 

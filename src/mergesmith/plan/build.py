@@ -17,11 +17,12 @@ from mergesmith.config.schema import MergeConfig, OutputSlice
 from mergesmith.config.validate import parameter_blocks
 from mergesmith.errors import MergesmithError, ModelError, PlanError
 from mergesmith.io.index import ShardIndex, TensorInfo, index_model_dir
+from mergesmith.io.lora import bind_adapter, merged_copy
 from mergesmith.methods import registry
 from mergesmith.methods.spec import MethodSpec
 from mergesmith.models.layout import ModelLayout, Module, recognise
 from mergesmith.models.patterns import SUB_CONFIG_KEYS, TIED_HEADS, VOCAB_HINTS
-from mergesmith.models.resolve import resolve
+from mergesmith.models.resolve import resolve, resolve_lora
 from mergesmith.plan.types import InputModel, MergePlan, Source, TensorPlan
 
 log = logging.getLogger("mergesmith")
@@ -36,6 +37,7 @@ class PlanOptions:
     allow_crimes: bool = False
     random_seed: int | None = None
     cache_dir: str | None = None
+    lora_merge_cache: str | None = None  # keep base+adapter merges here and reuse them
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class _Loaded:
     config: dict[str, Any]
     index: ShardIndex
     layout: ModelLayout
+    lora: Path | None = None
 
 
 @dataclass
@@ -74,6 +77,7 @@ class _Builder:
     warnings: list[str] = field(default_factory=list)
     used_names: set[str] = field(default_factory=set)
     vocab_rows: int | None = None  # set when embeddings were truncated to a common vocabulary
+    vocab: Any = None  # merged vocabulary (tokenizer settings): vocabulary tensors are re-indexed onto it
 
     # -- normalisation ---------------------------------------------------------------------------
     def slices_of(
@@ -167,6 +171,9 @@ class _Builder:
                 return
         shapes = {info.shape for _, info in found}
         rows: int | None = None
+        aligned = self._vocab_aligned(out_name, found)
+        if aligned:
+            shapes = {(self.vocab.rows, *found[0][1].shape[1:])}
         if len(shapes) > 1:
             tails = {s[1:] for s in shapes}
             if any(h in out_name for h in VOCAB_HINTS) and len(tails) == 1:
@@ -181,6 +188,8 @@ class _Builder:
                 self.problems.append(f"tensor {out_name!r} has different shapes across models ({listed})")
                 return
         shape = found[0][1].shape if rows is None else (rows, *found[0][1].shape[1:])
+        if aligned:
+            shape = next(iter(shapes))
         dtypes = {info.dtype for _, info in found}
         if not dtypes <= FLOAT_DTYPES:
             self.tensors.append(
@@ -243,8 +252,25 @@ class _Builder:
                 compute_dtype=compute,
                 out_dtype=out_dtype,
                 seed=seed,
+                vocab=self._aligner(out_name, found, sl, compute) if aligned else None,
             )
         )
+
+    def _vocab_aligned(self, name: str, found: list[tuple[_Src, TensorInfo]]) -> bool:
+        """With tokenizer settings, a vocabulary tensor is re-indexed onto the merged vocabulary."""
+        if self.vocab is None or not any(h in name for h in VOCAB_HINTS):
+            return False
+        if len({i.shape[1:] for _, i in found}) != 1:
+            return False
+        return self.vocab.indexes([s.model for s, _ in found], [i.shape[0] for _, i in found])
+
+    def _aligner(self, name: str, found: list[tuple[_Src, TensorInfo]], sl: _Slice, dtype: str) -> Any:
+        try:
+            models, rows = [s.model for s, _ in found], [i.shape[0] for _, i in found]
+            return self.vocab.aligner(name, models, rows, sl.base, dtype, self.warnings)
+        except PlanError as exc:
+            self.problems.append(str(exc))
+            return None
 
     def _find(self, model: int, name: str) -> TensorInfo | None:
         index = self.models[model].index
@@ -301,8 +327,9 @@ def _owned_names(layout: ModelLayout, module: Module) -> set[str]:
     return mine
 
 
-def _load(ref: ModelRef, cache_dir: str | None) -> _Loaded:
+def _load(ref: ModelRef, cache_dir: str | None, lora_cache: str | None = None) -> _Loaded:
     path = resolve(ref, cache_dir)
+    lora = resolve_lora(ref, cache_dir)
     cfg_file = path / "config.json"
     try:
         config = json.loads(cfg_file.read_text())
@@ -311,8 +338,14 @@ def _load(ref: ModelRef, cache_dir: str | None) -> _Loaded:
     except ValueError as exc:
         raise ModelError(f"model {ref}: {cfg_file} is not valid JSON ({exc})") from None
     index = index_model_dir(path)
+    if lora is not None:
+        bind_adapter(lora, index)  # every adapter tensor must fit a base tensor, before any data is read
+        if lora_cache:
+            revs = (ref.model.revision, ref.lora.revision if ref.lora else None)
+            path, lora = merged_copy(path, lora, Path(lora_cache), revs, label=str(ref)), None
+            index = index_model_dir(path)
     layout = recognise(index.names, config, where=f"model {ref}")
-    return _Loaded(ref, path, config, index, layout)
+    return _Loaded(ref, path, config, index, layout, lora)
 
 
 def _match_module(key: str, layout: ModelLayout) -> Module | None:
@@ -334,7 +367,7 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
     errors: list[str] = []
     for ref in refs:
         try:
-            loaded.append(_load(ref, opts.cache_dir))
+            loaded.append(_load(ref, opts.cache_dir, opts.lora_merge_cache))
         except MergesmithError as exc:
             errors.append(str(exc))
     if errors:
@@ -342,6 +375,7 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
     b = _Builder(cfg, spec, opts, loaded, {m.ref: i for i, m in enumerate(loaded)})
     donor = b.ids[cfg.base_model] if cfg.base_model else 0
     donor_layout = loaded[donor].layout
+    b.vocab, out_tokenizer = _plan_tokenizer(cfg, loaded, donor, opts, b.warnings)
     out_layers: dict[str, int] = {}
     slice_sources: list[tuple[int, int]] = []  # (model, layer) feeding each output layer of the main module
     if cfg.modules:
@@ -385,6 +419,8 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
     out_config = _out_config(cfg, loaded, donor, out_layers.get(donor_layout.main.prefix), slice_sources)
     if b.vocab_rows is not None:
         _set_vocab_size(out_config, b.vocab_rows)
+    if b.vocab is not None:
+        _set_vocab_size(out_config, b.vocab.rows)
     seen: set[tuple[int, str]] = set()
     bytes_in = 0
     for tp in b.tensors:
@@ -394,8 +430,17 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
                 bytes_in += loaded[s.model].index[s.name].nbytes
     for w in b.warnings:
         log.warning(w)
-    models = tuple(InputModel(m.ref, m.path, m.config) for m in loaded)
-    return MergePlan(spec.name, models, tuple(b.tensors), out_config, donor, bytes_in, tuple(b.warnings))
+    models = tuple(InputModel(m.ref, m.path, m.config, m.lora) for m in loaded)
+    return MergePlan(
+        spec.name,
+        models,
+        tuple(b.tensors),
+        out_config,
+        donor,
+        bytes_in,
+        tuple(b.warnings),
+        tokenizer=out_tokenizer,
+    )
 
 
 def _check_filters(cfg: MergeConfig, b: _Builder) -> None:
@@ -405,6 +450,18 @@ def _check_filters(cfg: MergeConfig, b: _Builder) -> None:
                 if not any(filt in n for n in b.used_names):
                     where = ".".join(str(p) for p in path)
                     b.warnings.append(f"{where}.{name}: filter {filt!r} matches no tensor name")
+
+
+def _plan_tokenizer(
+    cfg: MergeConfig, loaded: list[_Loaded], base: int, opts: PlanOptions, warnings: list[str]
+) -> tuple[Any, Any]:
+    """The merged vocabulary and the output tokenizer for tokenizer/chat_template settings (else None, None)."""
+    if cfg.tokenizer is None and cfg.tokenizer_source is None and cfg.chat_template is None:
+        return None, None
+    from mergesmith.tokenizer import TokenizerInput, plan_tokenizer
+
+    inputs = [TokenizerInput(m.ref, m.path, m.config) for m in loaded]
+    return plan_tokenizer(cfg, inputs, base, opts.cache_dir, warnings)
 
 
 def _set_vocab_size(config: dict[str, Any], rows: int) -> None:

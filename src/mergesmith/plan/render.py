@@ -15,7 +15,10 @@ def render(plan: MergePlan, per_tensor: bool = False) -> str:
     lines = [
         f"merge method: {plan.method}",
         "inputs:",
-        *(f"  [{i}] {m.ref}  ({m.path})" for i, m in enumerate(plan.models)),
+        *(
+            f"  [{i}] {m.ref}  ({m.path}{f' + adapter {m.lora}' if m.lora else ''})"
+            for i, m in enumerate(plan.models)
+        ),
         f"output tensors: {len(plan.tensors)}",
         f"bytes read: {human_bytes(plan.bytes_in)}   bytes written: {human_bytes(plan.bytes_out)}",
         "methods: " + ", ".join(f"{k} x{v}" for k, v in methods.most_common()),
@@ -26,6 +29,8 @@ def render(plan: MergePlan, per_tensor: bool = False) -> str:
     )
     if layer_key:
         lines.append(f"output layers: {plan.out_config[layer_key]}")
+    if plan.tokenizer is not None:
+        lines.append(f"tokenizer: {getattr(plan.tokenizer, 'description', '') or 'merged'}")
     if plan.warnings:
         lines.append(f"warnings: {len(plan.warnings)} (see above)")
     if per_tensor:
