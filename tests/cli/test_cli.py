@@ -137,12 +137,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama_family, tmp_path):
 def test_verbose_dry_run_lists_every_tensor(llama_family, tmp_path):
     result = invoke("yaml", str(linear_cfg(tmp_path, llama_family)), str(tmp_path / "out"), "-v", "--dry-run")
     assert result.exit_code == 0, result.output
-    lines = result.stdout.split("tensors:\n", 1)[1].splitlines()
+    listing = result.stdout.split("tensors:\n", 1)[1].splitlines()
+    lines = [x for x in listing if not x.startswith("      [")]  # per-model parameter lines are indented more
     names = set(load_tensors(llama_family["ft1"]))
     assert len(lines) == len(names)
-    line = next(x for x in lines if x.strip().startswith("model.layers.0.mlp.up_proj.weight "))
-    assert "[128, 64] float32 <- linear([0]model.layers.0.mlp.up_proj.weight" in line
-    assert "normalize=True" in line
+    i = next(i for i, x in enumerate(listing) if x.strip().startswith("model.layers.0.mlp.up_proj.weight "))
+    assert "[128, 64] float32 <- linear([0]model.layers.0.mlp.up_proj.weight" in listing[i]
+    assert "normalize=True" in listing[i]
+    assert listing[i + 1].split() == ["[0]", "weight=0.6"] and listing[i + 2].split() == ["[1]", "weight=0.4"]
     assert not (tmp_path / "out").exists()
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 
 import click
 
@@ -32,12 +34,15 @@ def run_cli(fn, verbosity: int) -> None:  # type: ignore[no-untyped-def]
         fn()
     except MergesmithError as exc:
         if verbosity > 1:
-            raise
+            traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written to the output path", err=True)
-        sys.exit(130)
+        # Leave at once: the output is already cleaned up, and a normal interpreter shutdown while torch's
+        # worker threads are mid-operation can abort the process instead of exiting with 130.
+        sys.stderr.flush()
+        os._exit(130)
     except MemoryError:
         click.echo("error: out of memory; try --read-ahead 1 or a machine with more RAM", err=True)
         sys.exit(2)

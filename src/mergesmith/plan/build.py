@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class _Builder:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     used_names: set[str] = field(default_factory=set)
+    crimes: list[str] = field(default_factory=list)  # tensors merged without every input (--allow-crimes)
     vocab_rows: int | None = None  # set when embeddings were truncated to a common vocabulary
     vocab: Any = None  # merged vocabulary (tokenizer settings): vocabulary tensors are re-indexed onto it
 
@@ -169,6 +171,7 @@ class _Builder:
             if not self.opts.allow_crimes or not found:
                 self.problems.append(f"tensor {out_name!r} is missing from {', '.join(missing)}")
                 return
+            self.crimes.append(out_name)
         shapes = {info.shape for _, info in found}
         rows: int | None = None
         aligned = self._vocab_aligned(out_name, found)
@@ -410,7 +413,15 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
                 "residual_weight is accepted for compatibility but has no effect (as in mergekit)"
             )
     _check_filters(cfg, b)
+    _check_heads(b)
+    if b.crimes:
+        b.warnings.append(
+            f"--allow-crimes: {len(b.crimes)} tensor(s) were merged from only the models that have them "
+            f"(first: {', '.join(b.crimes[:3])})"
+        )
     if b.problems:
+        for w in b.warnings:  # they often explain the problems (e.g. a filter that matches nothing)
+            log.warning(w)
         shown = b.problems[: MAX_LISTED * 3]
         more = len(b.problems) - len(shown)
         text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
@@ -428,6 +439,7 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
             if (s.model, s.name) not in seen:
                 seen.add((s.model, s.name))
                 bytes_in += loaded[s.model].index[s.name].nbytes
+    _set_dtype(out_config, cfg, b.tensors)
     for w in b.warnings:
         log.warning(w)
     models = tuple(InputModel(m.ref, m.path, m.config, m.lora) for m in loaded)
@@ -462,6 +474,33 @@ def _plan_tokenizer(
 
     inputs = [TokenizerInput(m.ref, m.path, m.config) for m in loaded]
     return plan_tokenizer(cfg, inputs, base, opts.cache_dir, warnings)
+
+
+def _check_heads(b: _Builder) -> None:
+    """Warn when an input's own output head is left out because the output ties it to the embeddings."""
+    planned = {t.name for t in b.tensors}
+    for head in TIED_HEADS:
+        if head in planned:
+            continue
+        owners = [str(m.ref) for m in b.models if head in m.index]
+        if owners:
+            b.warnings.append(
+                f"{head}: the base model ties its output head to the embeddings, so the untied heads of "
+                f"{', '.join(owners)} are not merged (the output uses the merged embeddings as its head)"
+            )
+
+
+def _set_dtype(config: dict[str, Any], cfg: MergeConfig, tensors: list[TensorPlan]) -> None:
+    """config.json's dtype follows the float tensors actually written when the config sets none."""
+    if cfg.out_dtype or cfg.dtype:
+        return
+    written = Counter(t.out_dtype for t in tensors if t.out_dtype in FLOAT_DTYPES)
+    if not written:
+        return
+    dtype = written.most_common(1)[0][0]
+    key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
+    if config.get(key) != dtype:
+        config[key] = dtype
 
 
 def _set_vocab_size(config: dict[str, Any], rows: int) -> None:

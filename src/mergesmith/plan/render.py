@@ -37,6 +37,13 @@ def render(plan: MergePlan, per_tensor: bool = False) -> str:
         lines.append("tensors:")
         for t in plan.tensors:
             srcs = ", ".join(f"[{s.model}]{s.name}" for s in t.sources)
-            params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params)
+            params = " ".join(_kv(k, v) for k, v in t.params)
             lines.append(f"  {t.name} {list(t.shape)} {t.out_dtype} <- {t.method}({srcs}) {params}".rstrip())
+            for s, mp in zip(t.sources, t.per_model):
+                if mp:
+                    lines.append(f"      [{s.model}] " + " ".join(_kv(k, v) for k, v in mp if v is not None))
     return "\n".join(lines)
+
+
+def _kv(key: str, value: object) -> str:
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
