@@ -116,7 +116,13 @@ def _write_side_files(plan: MergePlan, dest: Path, copy_tokenizer: bool) -> list
 
     out_tok = plan.tokenizer
     keep_donor_tokenizer = copy_tokenizer and (out_tok is None or not out_tok.replaces_donor_files)
-    copied = copy_side_files(plan.models[plan.donor].path, dest, keep_donor_tokenizer)
+    other = plan.tokenizer_donor
+    if other is not None and other != plan.donor and keep_donor_tokenizer:
+        # Embeddings were truncated to a smaller vocabulary: take the tokenizer of a model that has it.
+        copied = copy_side_files(plan.models[plan.donor].path, dest, False)
+        copied += copy_side_files(plan.models[other].path, dest, True, tokenizer_only=True)
+    else:
+        copied = copy_side_files(plan.models[plan.donor].path, dest, keep_donor_tokenizer)
     if out_tok is not None:
         copied += [f for f in out_tok.save(dest, copy_tokenizer) if f not in copied]
     return copied

@@ -158,3 +158,7 @@ models:
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # the tokenizer matches the truncated embeddings: it comes from the 512-token model
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == 512

@@ -125,14 +125,16 @@ def is_tokenizer_file(name: str) -> bool:
     return name.startswith(_TOKENIZER_FILES) or name.endswith((".model", ".tiktoken"))
 
 
-def copy_side_files(donor: Path, dest: Path, copy_tokenizer: bool) -> list[str]:
-    """Copy the donor's small non-weight files (tokenizer, generation config, templates); return their names."""
+def copy_side_files(donor: Path, dest: Path, copy_tokenizer: bool, tokenizer_only: bool = False) -> list[str]:
+    """Copy the donor's small non-weight files (tokenizer, generation config, templates); return their names.
+
+    tokenizer_only: copy just the tokenizer files (when they come from another model than the rest)."""
     copied = []
     for f in sorted(donor.iterdir()):
         name = f.name
         if not f.is_file() or name.startswith(".") or name in _NEVER_COPY or name.endswith(WEIGHT_SUFFIXES):
             continue
-        if not copy_tokenizer and is_tokenizer_file(name):
+        if (not copy_tokenizer or tokenizer_only) and is_tokenizer_file(name) != tokenizer_only:
             continue
         if f.stat().st_size > MAX_SIDE_FILE:
             continue

@@ -452,7 +452,27 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
         bytes_in,
         tuple(b.warnings),
         tokenizer=out_tokenizer,
+        tokenizer_donor=_tokenizer_donor(loaded, donor, b.vocab_rows),
     )
+
+
+def _tokenizer_donor(loaded: list[_Loaded], donor: int, rows: int | None) -> int | None:
+    """With embeddings truncated to `rows`, a model whose vocabulary has exactly that many tokens."""
+    if rows is None:
+        return None
+    sizes = [m.config.get("vocab_size") for m in loaded]
+    if sizes[donor] == rows:
+        return donor
+    match = next((i for i, n in enumerate(sizes) if n == rows), None)
+    if match is not None:
+        log.warning(
+            "embeddings were truncated to %d rows: copying the tokenizer of %s, which has that vocabulary",
+            rows,
+            loaded[match].ref,
+        )
+    else:
+        log.warning("embeddings were truncated to %d rows, but no input's tokenizer has that size", rows)
+    return match
 
 
 def _check_filters(cfg: MergeConfig, b: _Builder) -> None:

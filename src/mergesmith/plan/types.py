@@ -66,6 +66,7 @@ class MergePlan:
     bytes_in: int
     warnings: tuple[str, ...] = ()
     tokenizer: Any = field(default=None, compare=False, hash=False)  # output tokenizer to save, if merged
+    tokenizer_donor: int | None = None  # model whose tokenizer files to copy, when not the donor
 
     @property
     def bytes_out(self) -> int:
