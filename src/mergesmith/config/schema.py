@@ -155,6 +155,8 @@ class MergeConfig(_Model):
     ) = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
+    # mergesmith extension: Python modules or .py files that register merge methods (loaded before checks)
+    method_plugins: list[str] | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod

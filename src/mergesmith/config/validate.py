@@ -102,6 +102,11 @@ def check_config(cfg: MergeConfig) -> Findings:
     _unknown_fields(cfg, f)
     _slice_lengths(cfg, f)
     _tokenizer_settings(cfg, f)
+    for i, plugin in enumerate(cfg.method_plugins or []):
+        try:
+            registry.load_plugin(plugin)
+        except MethodError as exc:
+            f.error(("method_plugins", i), str(exc))
     try:
         spec = registry.get(cfg.merge_method)
     except MethodError as exc:

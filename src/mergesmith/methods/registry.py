@@ -23,6 +23,7 @@ _BUILTIN_MODULES = (
     "arcee_fusion",
 )
 _loaded = False
+_PLUGINS: set[str] = set()  # plugins already imported (by resolved path or module name)
 
 
 def _load_builtins() -> None:
@@ -111,6 +112,9 @@ def load_plugin(module: str) -> None:
     from pathlib import Path
 
     _load_builtins()
+    key = str(Path(module).resolve()) if module.endswith(".py") or "/" in module else module
+    if key in _PLUGINS:  # named both on the command line and in the config, or loaded by an earlier run
+        return
     try:
         if module.endswith(".py") or "/" in module:
             path = Path(module)
@@ -125,3 +129,4 @@ def load_plugin(module: str) -> None:
         raise
     except Exception as exc:  # a plugin's own failure, reported with its name
         raise MethodError(f"could not load method plugin {module!r}: {exc}") from exc
+    _PLUGINS.add(key)
