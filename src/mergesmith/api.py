@@ -159,12 +159,9 @@ def run_merge(
     Raises:
         MergesmithError: any problem with the config, the inputs or the output, with a readable message.
     """
-    from mergesmith import __version__
     from mergesmith.engine.execute import execute
     from mergesmith.engine.resume import Journal, find_resumable, fingerprint
-    from mergesmith.io.card import model_card
-    from mergesmith.io.manifest import describe_input, write_manifest
-    from mergesmith.io.outdir import atomic_dir, check_target, write_json
+    from mergesmith.io.outdir import atomic_dir, check_target
     from mergesmith.io.write import OutEntry, ShardWriter, layout_shards
 
     options = options or MergeOptions()
@@ -215,20 +212,28 @@ def run_merge(
             writer.abort()
             raise
         journal.remove()
-        copied = _write_side_files(plan, tmp, options.copy_tokenizer)
-        write_json(tmp / "config.json", plan.out_config)
-        # The config under mergekit's file name, which hub tooling already looks for.
-        (tmp / "mergekit_config.yml").write_text(cfg.to_yaml() + "\n", encoding="utf-8")
-        if options.write_model_card:
-            (tmp / "README.md").write_text(model_card(cfg, cfg.to_yaml(), __version__), encoding="utf-8")
-        inputs = [describe_input(str(m.ref), m.path, m.lora) for m in plan.models]
-        write_manifest(
-            tmp,
-            inputs,
-            writer.hashes,
-            __version__,
-            options.random_seed if options.random_seed is not None else seed,
-        )
+        seed_used = options.random_seed if options.random_seed is not None else seed
+        copied = _write_metadata(tmp, cfg, plan, options, writer.hashes, seed_used)
         files = tuple(sorted(p.name for p in tmp.iterdir()))
     log.info("wrote %s (%d tensors, %d shards, %s)", out, len(plan.tensors), len(shards), ", ".join(copied))
     return MergeResult(out, plan, seconds, files)
+
+
+def _write_metadata(
+    tmp: Path, cfg: MergeConfig, plan: MergePlan, options: MergeOptions, hashes: dict[str, str], seed: int
+) -> list[str]:
+    """Everything beside the weights: side files, config.json, the config, the card, then the manifest."""
+    from mergesmith import __version__
+    from mergesmith.io.card import model_card
+    from mergesmith.io.manifest import describe_input, write_manifest
+    from mergesmith.io.outdir import write_json
+
+    copied = _write_side_files(plan, tmp, options.copy_tokenizer)
+    write_json(tmp / "config.json", plan.out_config)
+    # The config under mergekit's file name, which hub tooling already looks for.
+    (tmp / "mergekit_config.yml").write_text(cfg.to_yaml() + "\n", encoding="utf-8")
+    if options.write_model_card:
+        (tmp / "README.md").write_text(model_card(cfg, cfg.to_yaml(), __version__), encoding="utf-8")
+    inputs = [describe_input(str(m.ref), m.path, m.lora) for m in plan.models]
+    write_manifest(tmp, inputs, hashes, __version__, seed)  # last: it hashes every other file
+    return copied

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergesmith.io.manifest import file_sha256
 from mergesmith.io.outdir import temp_siblings
 from mergesmith.io.write import Shard
 from mergesmith.plan.types import MergePlan
@@ -62,14 +63,6 @@ def _read_journal(directory: Path) -> tuple[dict, list[dict]] | None:
     return records[0], [r for r in records[1:] if "shard" in r]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def find_resumable(out: Path, fp: str, shards: list[Shard]) -> ResumeState | None:
     """The interrupted run of this very plan beside `out`, with its shards verified; None if there is none."""
     sizes = {s.filename: len(s.header()) + sum(e.nbytes for e in s.entries) for s in shards}
@@ -90,7 +83,7 @@ def find_resumable(out: Path, fp: str, shards: list[Shard]) -> ResumeState | Non
                 or path.stat().st_size != sizes[name]
             ):
                 break
-            if _sha256(path) != rec["sha256"]:
+            if file_sha256(path) != rec["sha256"]:
                 log.warning("resume: %s does not match its checksum; it will be written again", name)
                 break
             state.done.append((name, rec["sha256"]))

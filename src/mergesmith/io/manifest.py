@@ -23,7 +23,8 @@ def _header_digest(path: Path) -> str | None:
         return None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 16 MB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(16 * 2**20):
@@ -74,7 +75,7 @@ def write_manifest(
     outputs = []
     for f in sorted(directory.iterdir()):
         if f.is_file() and f.name != MANIFEST:
-            digest = shard_hashes.get(f.name) or _sha256(f)
+            digest = shard_hashes.get(f.name) or file_sha256(f)
             outputs.append({"name": f.name, "size": f.stat().st_size, "sha256": digest})
     manifest = {
         "mergesmith_version": version,
