@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,10 +160,7 @@ def run_merge(
     Raises:
         MergesmithError: any problem with the config, the inputs or the output, with a readable message.
     """
-    from mergesmith.engine.execute import execute
-    from mergesmith.engine.resume import Journal, find_resumable, fingerprint
-    from mergesmith.io.outdir import atomic_dir, check_target
-    from mergesmith.io.write import OutEntry, ShardWriter, layout_shards
+    from mergesmith.io.outdir import check_target
 
     options = options or MergeOptions()
     cfg = as_config(config)
@@ -181,10 +179,25 @@ def run_merge(
                     f"output path {out} holds input model {m.ref}; writing there would delete it: "
                     "choose another output directory"
                 )
-    if options.num_threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(options.num_threads)
+    threads_before = torch.get_num_threads()
+    # The loader and writer threads need a core of their own; on the CPU, compute gets the rest.
+    cpu = options.resolved_device() == "cpu"
+    torch.set_num_threads(options.num_threads or (max(1, (os.cpu_count() or 2) - 1) if cpu else threads_before))
+    try:
+        return _run_planned(cfg, plan, out, options)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_planned(cfg: MergeConfig, plan: MergePlan, out: Path, options: MergeOptions) -> MergeResult:
+    """Execute a checked plan into `out` (atomically, resumably) and write the metadata."""
+    from mergesmith.engine.execute import execute
+    from mergesmith.engine.resume import Journal, find_resumable, fingerprint
+    from mergesmith.io.outdir import atomic_dir
+    from mergesmith.io.write import OutEntry, ShardWriter, layout_shards
+
     entries = [OutEntry(t.name, t.out_dtype, t.shape) for t in plan.tensors]
     shards = layout_shards(entries, options.out_shard_size)
     exec_opts = exec_options(plan, options)
