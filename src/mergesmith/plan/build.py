@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergesmith._util import canonical_dtype
 from mergesmith.config import params as P
 from mergesmith.config.ref import ModelRef
 from mergesmith.config.schema import MergeConfig, OutputSlice
@@ -22,12 +20,12 @@ from mergesmith.io.lora import bind_adapter, merged_copy
 from mergesmith.methods import registry
 from mergesmith.methods.spec import MethodSpec
 from mergesmith.models.layout import ModelLayout, Module, recognise
-from mergesmith.models.patterns import SUB_CONFIG_KEYS, TIED_HEADS, VOCAB_HINTS
+from mergesmith.models.patterns import TIED_HEADS, VOCAB_HINTS
 from mergesmith.models.resolve import resolve, resolve_lora
+from mergesmith.plan.outconfig import FLOAT_DTYPES, output_config, set_dtype, set_vocab_size, tokenizer_donor
 from mergesmith.plan.types import InputModel, MergePlan, Source, TensorPlan
 
 log = logging.getLogger("mergesmith")
-FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 MAX_LISTED = 8
 
 
@@ -427,11 +425,11 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
         text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
         n = len(b.problems)
         raise PlanError(f"the merge cannot be planned ({n} problem{'s' if n > 1 else ''}):\n{text}")
-    out_config = _out_config(cfg, loaded, donor, out_layers.get(donor_layout.main.prefix), slice_sources)
+    out_config = output_config(cfg, loaded, donor, out_layers.get(donor_layout.main.prefix), slice_sources)
     if b.vocab_rows is not None:
-        _set_vocab_size(out_config, b.vocab_rows)
+        set_vocab_size(out_config, b.vocab_rows)
     if b.vocab is not None:
-        _set_vocab_size(out_config, b.vocab.rows)
+        set_vocab_size(out_config, b.vocab.rows)
     seen: set[tuple[int, str]] = set()
     bytes_in = 0
     for tp in b.tensors:
@@ -439,7 +437,7 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
             if (s.model, s.name) not in seen:
                 seen.add((s.model, s.name))
                 bytes_in += loaded[s.model].index[s.name].nbytes
-    _set_dtype(out_config, cfg, b.tensors)
+    set_dtype(out_config, cfg, b.tensors)
     for w in b.warnings:
         log.warning(w)
     models = tuple(InputModel(m.ref, m.path, m.config, m.lora) for m in loaded)
@@ -452,27 +450,8 @@ def build_plan(cfg: MergeConfig, opts: PlanOptions | None = None) -> MergePlan:
         bytes_in,
         tuple(b.warnings),
         tokenizer=out_tokenizer,
-        tokenizer_donor=_tokenizer_donor(loaded, donor, b.vocab_rows),
+        tokenizer_donor=tokenizer_donor(loaded, donor, b.vocab_rows),
     )
-
-
-def _tokenizer_donor(loaded: list[_Loaded], donor: int, rows: int | None) -> int | None:
-    """With embeddings truncated to `rows`, a model whose vocabulary has exactly that many tokens."""
-    if rows is None:
-        return None
-    sizes = [m.config.get("vocab_size") for m in loaded]
-    if sizes[donor] == rows:
-        return donor
-    match = next((i for i, n in enumerate(sizes) if n == rows), None)
-    if match is not None:
-        log.warning(
-            "embeddings were truncated to %d rows: copying the tokenizer of %s, which has that vocabulary",
-            rows,
-            loaded[match].ref,
-        )
-    else:
-        log.warning("embeddings were truncated to %d rows, but no input's tokenizer has that size", rows)
-    return match
 
 
 def _check_filters(cfg: MergeConfig, b: _Builder) -> None:
@@ -508,59 +487,3 @@ def _check_heads(b: _Builder) -> None:
                 f"{head}: the base model ties its output head to the embeddings, so the untied heads of "
                 f"{', '.join(owners)} are not merged (the output uses the merged embeddings as its head)"
             )
-
-
-def _set_dtype(config: dict[str, Any], cfg: MergeConfig, tensors: list[TensorPlan]) -> None:
-    """config.json's dtype follows the float tensors actually written when the config sets none."""
-    if cfg.out_dtype or cfg.dtype:
-        return
-    written = Counter(t.out_dtype for t in tensors if t.out_dtype in FLOAT_DTYPES)
-    if not written:
-        return
-    dtype = written.most_common(1)[0][0]
-    key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
-    if config.get(key) != dtype:
-        config[key] = dtype
-
-
-def _set_vocab_size(config: dict[str, Any], rows: int) -> None:
-    """Make config.json agree with truncated embeddings (top level or the text sub-config)."""
-    if "vocab_size" in config:
-        config["vocab_size"] = rows
-    for sub in SUB_CONFIG_KEYS:
-        if isinstance(config.get(sub), dict) and "vocab_size" in config[sub]:
-            config[sub]["vocab_size"] = rows
-
-
-def _out_config(
-    cfg: MergeConfig, loaded: list[_Loaded], donor: int, layers: int | None, feeds: list[tuple[int, int]]
-) -> dict[str, Any]:
-    """The donor's config.json with the layer count, per-layer lists and dtype updated for the output."""
-    out = json.loads(json.dumps(loaded[donor].config))
-    layout = loaded[donor].layout
-    if layers is not None and layout.layer_key and layers != layout.config_layers:
-        node, key = out, layout.layer_key
-        if "." in key:
-            sub, key = key.split(".", 1)
-            node = out[sub]
-        old = node[key]
-        node[key] = layers
-        # Per-layer settings (e.g. layer_types) follow the layers they describe.
-        for k, v in list(node.items()):
-            if isinstance(v, list) and len(v) == old and feeds:
-                src_lists = []
-                for model, layer in feeds:
-                    src_node = (
-                        loaded[model].config if "." not in layout.layer_key else loaded[model].config[sub]
-                    )
-                    src_list = src_node.get(k)
-                    src_lists.append(
-                        src_list[layer] if isinstance(src_list, list) and layer < len(src_list) else v[0]
-                    )
-                node[k] = src_lists
-    dtype = cfg.out_dtype or cfg.dtype
-    if dtype:
-        out["dtype"] = canonical_dtype(dtype)
-        if "torch_dtype" in out:
-            out["torch_dtype"] = out["dtype"]
-    return out
