@@ -46,7 +46,7 @@ def yaml_cmd(config_file: str, out_path: str, plugins: tuple[str, ...], **kwargs
             click.echo(render(result.plan, per_tensor=verbosity > 0))
         elif not options.quiet:
             click.echo(
-                f"merged {len(result.plan.tensors)} tensors into {result.out_path} in {result.seconds:.1f}s"
+                f"merged {len(result.plan.tensors)} tensors into {result.out_path} in {result.seconds:.2f}s"
             )
 
     run_cli(work, verbosity)
