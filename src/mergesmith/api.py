@@ -76,7 +76,7 @@ def exec_options(plan: MergePlan, options: MergeOptions) -> ExecOptions:
     from mergesmith._util import human_bytes
     from mergesmith.engine.execute import ExecOptions, splittable
 
-    unit, inflight = 64 * 10**6, 10**9
+    unit, inflight = 64 * 10**6, 4 * 10**8
     if options.max_memory is not None:
         budget = options.max_memory
         unit, inflight = max(1, min(unit, budget // 8)), max(1, budget // 2)
@@ -181,10 +181,14 @@ def run_merge(
                 )
     import torch
 
+    from mergesmith.methods import registry
+
     threads_before = torch.get_num_threads()
-    # The loader and writer threads need a core of their own; on the CPU, compute gets the rest.
-    cpu = options.resolved_device() == "cpu"
-    torch.set_num_threads(options.num_threads or (max(1, (os.cpu_count() or 2) - 1) if cpu else threads_before))
+    # Elementwise merges are memory-bound: on the CPU they leave a core to the reader and writer threads.
+    # Whole-tensor methods (selection, random masks, ranking) are compute-bound and get every core.
+    light = registry.get(plan.method).elementwise and options.resolved_device() == "cpu"
+    default = max(1, (os.cpu_count() or 2) - 1) if light else threads_before
+    torch.set_num_threads(options.num_threads or default)
     try:
         return _run_planned(cfg, plan, out, options)
     finally:

@@ -34,7 +34,7 @@ class ExecOptions:
     random_seed: int | None = None
     fallback_seed: int | None = None  # seed for random methods when random_seed is None (kept on resume)
     unit_bytes: int = 64 * 10**6  # input bytes per row range of a split elementwise tensor
-    inflight_bytes: int = 10**9  # inputs + outputs held between loader and writer
+    inflight_bytes: int = 4 * 10**8  # inputs + outputs held between loader and writer
 
 
 class _Failure:
