@@ -75,7 +75,8 @@ def _merge(
     out_dtype = getattr(torch, tp.out_dtype)
     gen = None
     if spec.random:
-        gen = torch.Generator(device=device)
+        # A CPU generator on every device: the same seed gives the same masks on CPU and GPU.
+        gen = torch.Generator()
         seed = tp.seed if tp.seed is not None else zlib.crc32(f"{fallback_seed}:{tp.name}".encode())
         gen.manual_seed(seed)
 
