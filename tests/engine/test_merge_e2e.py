@@ -278,3 +278,15 @@ def test_random_seed_is_reproducible_for_api(llama_family, tmp_path, seed):
     run_merge(cfg, tmp_path / "y", MergeOptions(quiet=True, random_seed=seed))
     x, y = load_tensors(tmp_path / "x"), load_tensors(tmp_path / "y")
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_mergeconfig_from_yaml_file_and_text(llama_family, tmp_path):
+    from mergesmith import MergeConfig
+
+    text = yaml_models("linear", [(llama_family["ft1"], {"weight": 1.0})])
+    path = tmp_path / "c.yml"
+    path.write_text(text)
+    from_file, from_text = MergeConfig.from_yaml(str(path)), MergeConfig.from_yaml(text)
+    assert from_file == from_text and from_file.merge_method == "linear"
+    run_merge(from_file, tmp_path / "out", QUIET)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
