@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import load_tensors
 
 from mergesmith import MergeOptions, run_merge
-from tests.conftest import load_tensors
 
 pytestmark = [
     pytest.mark.gpu,
