@@ -403,3 +403,18 @@ def test_sigkill_mid_merge_leaves_no_output_and_a_rerun_cleans_up(llama_family, 
     assert siblings(tmp_path) == ["out"]  # the stale temp dir of the dead run is gone
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(load_tensors(llama_family["base"]))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_sigterm_mid_merge_exits_143_and_leaves_nothing(llama_family, tmp_path):
+    proc = start_slow_merge(tmp_path, llama_family["base"])
+    try:
+        wait_for_first_shard(proc, tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert siblings(tmp_path) == []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -26,10 +28,20 @@ def setup_logging(verbosity: int, quiet: bool) -> None:
     logging.getLogger("mergesmith").setLevel(level)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so the temporary output is cleaned up (exit code 143)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_cli(fn, verbosity: int) -> None:  # type: ignore[no-untyped-def]
     """Call fn, turning known errors into a message and exit code 2 (traceback only with -vv)."""
     from mergesmith.errors import MergesmithError
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         fn()
     except MergesmithError as exc:
@@ -37,12 +49,12 @@ def run_cli(fn, verbosity: int) -> None:  # type: ignore[no-untyped-def]
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo("interrupted: nothing was written to the output path", err=True)
         # Leave at once: the output is already cleaned up, and a normal interpreter shutdown while torch's
         # worker threads are mid-operation can abort the process instead of exiting with 130.
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(143 if isinstance(exc, Terminated) else 130)
     except MemoryError:
         click.echo("error: out of memory; try --read-ahead 1 or a machine with more RAM", err=True)
         sys.exit(2)
