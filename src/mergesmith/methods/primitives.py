@@ -48,7 +48,7 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     margin = 6 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
     lo = sample[max(0, int((q - margin) * m))]
     hi = sample[min(m - 1, math.ceil((q + margin) * m))]
-    below = int((flat < lo).sum())
+    below = int(torch.count_nonzero(flat < lo))
     band = flat[(flat >= lo) & (flat <= hi)]
     if below < k <= below + band.numel():
         return band.kthvalue(k - below).values
@@ -75,7 +75,7 @@ def rank_window_mask(scores: torch.Tensor, start: int, stop: int) -> torch.Tenso
     for edge in (high,) if bool(high == low) else (high, low):
         # Entries equal to `edge` occupy ranks first .. first+len(ties)-1, in index order.
         ties = torch.nonzero(flat == edge).squeeze(1)
-        first = int((flat > edge).sum())
+        first = int(torch.count_nonzero(flat > edge))
         mask[ties[max(0, start - first) : max(0, stop - first)]] = True
     return mask.view(scores.shape)
 
