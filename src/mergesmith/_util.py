@@ -23,6 +23,9 @@ DTYPE_NAMES: dict[str, str] = {
     "fp64": "float64",
 }
 
+# Floating dtypes (torch attribute names): tensors of these dtypes are merged, all others copied.
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
 # safetensors header dtype codes -> (torch attribute name, bytes per element).
 ST_DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergesmith._util import FLOAT_DTYPES
 from mergesmith.errors import ModelError
 from mergesmith.io.index import ShardIndex, TensorInfo, index_model_dir, read_safetensors_header
 from mergesmith.io.outdir import copy_side_files, remove_stale_temps
@@ -36,7 +37,6 @@ log = logging.getLogger("mergesmith")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 _PEFT_PREFIX = "base_model.model."
 _CHUNK_ELEMENTS = 1 << 22  # rows are updated in chunks of about this many elements (16 MiB of float32)
 MAX_LISTED = 12

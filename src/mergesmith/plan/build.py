@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergesmith._util import FLOAT_DTYPES
 from mergesmith.config import params as P
 from mergesmith.config.ref import ModelRef
 from mergesmith.config.schema import MergeConfig, OutputSlice
@@ -22,7 +23,7 @@ from mergesmith.methods.spec import MethodSpec
 from mergesmith.models.layout import ModelLayout, Module, recognise
 from mergesmith.models.patterns import TIED_HEADS, VOCAB_HINTS
 from mergesmith.models.resolve import resolve, resolve_lora
-from mergesmith.plan.outconfig import FLOAT_DTYPES, output_config, set_dtype, set_vocab_size, tokenizer_donor
+from mergesmith.plan.outconfig import output_config, set_dtype, set_vocab_size, tokenizer_donor
 from mergesmith.plan.types import InputModel, MergePlan, Source, TensorPlan
 
 log = logging.getLogger("mergesmith")

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from mergesmith._util import canonical_dtype
+from mergesmith._util import FLOAT_DTYPES, canonical_dtype
 from mergesmith.config.ref import ModelRef
 from mergesmith.config.schema import MergeConfig
 from mergesmith.models.layout import ModelLayout
@@ -16,7 +16,6 @@ from mergesmith.models.patterns import SUB_CONFIG_KEYS
 from mergesmith.plan.types import TensorPlan
 
 log = logging.getLogger("mergesmith")
-FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 
 
 class LoadedModel(Protocol):
