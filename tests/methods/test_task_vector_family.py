@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergesmith.errors import MethodError
-from mergesmith.methods import get
+from mergesmith.methods import get, hashrng
 
 # --------------------------------------------------------------------------- reference code
 
@@ -120,7 +120,8 @@ def test_dare_matches_reference(merge, method: str, consensus: bool, mode: str |
     gen = torch.Generator().manual_seed(42)
 
     def sparsify(i, d):
-        mask = torch.bernoulli(torch.full_like(d, densities[i]), generator=gen)
+        seed = hashrng.stream_seed(gen)
+        mask = hashrng.bernoulli_keep(seed, d.shape, densities[i], "cpu").to(d.dtype)
         if mode is None:
             return d * mask
         if mode == "keep_prob":
@@ -162,7 +163,7 @@ def test_della_matches_reference(merge, method, consensus, normalize, mode, shap
 
     def sparsify(i, d):
         probs = ref_della_probs(d, densities[i], epsilons[i])
-        mask = torch.bernoulli(probs, generator=gen).reshape(d.shape)
+        mask = hashrng.bernoulli_keep_probs(hashrng.stream_seed(gen), probs).to(probs.dtype).reshape(d.shape)
         if mode == "keep_prob":
             return d * mask / probs.reshape(d.shape)
         return l1_rescale(d, d * mask)

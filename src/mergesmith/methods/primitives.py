@@ -17,6 +17,7 @@ import math
 import torch
 
 from mergesmith.errors import MethodError
+from mergesmith.methods import hashrng
 
 RESCALE_MODES = ("l1", "l2", "linf", "keep_prob")
 NORM_EPS = 1e-7  # below this a norm counts as zero and no rescaling happens
@@ -135,19 +136,14 @@ def generator_for(generator: torch.Generator | None, device: torch.device) -> to
 
 
 def bernoulli_draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """0/1 tensor (dtype of `probs`) with P(1) = probs, drawn from `generator`.
+    """0/1 tensor (dtype of `probs`) with P(1) = probs: one stream seed is drawn from `generator` and
+    entry j is 1 when value j of that `hashrng` stream is below probs[j] * 2**32.
 
-    The draw happens on the generator's device and is moved to the tensor's device, so a CPU
-    generator gives the same mask whatever device the tensor lives on.
+    The stream is a hash of (seed, position), so the mask is the same on every device and however the
+    work is split; the fused CPU kernels draw the very same numbers.
     """
-    gen = generator_for(generator, probs.device)
-    if gen.device.type != probs.device.type or (
-        gen.device.index is not None
-        and probs.device.index is not None
-        and gen.device.index != probs.device.index
-    ):
-        return torch.bernoulli(probs.to(gen.device), generator=gen).to(probs.device)
-    return torch.bernoulli(probs, generator=gen)
+    seed = hashrng.stream_seed(generator_for(generator, torch.device("cpu")))
+    return hashrng.bernoulli_keep_probs(seed, probs).to(probs.dtype)
 
 
 # --------------------------------------------------------------------------- sparsifiers
@@ -198,14 +194,15 @@ def bernoulli_prune(
 ) -> torch.Tensor:
     """DARE: keep every entry independently with probability `density`.
 
-    The draw is torch.bernoulli over a tensor filled with `density`, in float32 (float64 for
-    float64 inputs), so with the same generator state it reproduces mergekit's float32 masks.
+    One `hashrng` stream seed is drawn from `generator` (even when density >= 1, so every model
+    consumes the generator alike); entry j is kept when value j of the stream is below
+    density * 2**32. Rescaling happens in float32 (float64 for float64 inputs), as mergekit does.
     """
+    seed = hashrng.stream_seed(generator_for(generator, torch.device("cpu")))
     if density >= 1:
         return tensor
     work = float_dtype(tensor)
-    probs = torch.full(tensor.shape, density, dtype=work, device=tensor.device)
-    mask = bernoulli_draw(probs, generator)
+    mask = hashrng.bernoulli_keep(seed, tensor.shape, density, tensor.device)
     return rescale_masked(tensor.to(work), mask, rescale, keep_prob=density).to(tensor.dtype)
 
 
@@ -235,8 +232,10 @@ def della_magprune(
     between. Equal magnitudes are ranked by position (stable sort). A row with a single entry
     gets probability `density` (mergekit divides 0 by 0 there and fails). "keep_prob"
     rescaling divides each kept entry by its own probability, as in the paper; "l1" matches
-    the L1 norm of the whole tensor, as mergekit does.
+    the L1 norm of the whole tensor, as mergekit does. Entry j (row-major) is kept when value j of
+    a `hashrng` stream, whose seed is drawn from `generator` first, is below its probability * 2**32.
     """
+    seed = hashrng.stream_seed(generator_for(generator, torch.device("cpu")))
     if density >= 1:
         return tensor
     if density <= 0:
@@ -257,8 +256,8 @@ def della_magprune(
     else:
         rank_norm = torch.full(ranks.shape, 0.5, dtype=work, device=rows.device)
     del ranks
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = bernoulli_draw(probs, generator)
+    probs = ((density - epsilon) + rank_norm * 2 * epsilon).to(work)
+    mask = hashrng.bernoulli_keep_probs(seed, probs)
     out = rescale_masked(rows.to(work), mask, rescale, keep_prob=probs)
     return out.to(tensor.dtype).reshape(shape)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mergesmith.methods import primitives
+from mergesmith.methods import primitives, task_vector_fast
 from mergesmith.methods.registry import register_spec
 from mergesmith.methods.spec import MergeInputs, MethodSpec, Param
 
@@ -69,6 +69,9 @@ def combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor:
     others = inputs.others
     if not others:
         return base
+    fast = task_vector_fast.fast_combine(row, inputs)
+    if fast is not None:
+        return fast
     params = dict(inputs.params)
     deltas = base.new_empty((len(others), *base.shape))
     for i, (tensor, mp) in enumerate(zip(others, inputs.others_params)):

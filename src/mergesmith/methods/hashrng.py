@@ -1,0 +1,66 @@
+"""The random stream of the random methods (DARE, DELLA): a counter-based hash, not a sequential generator.
+
+Entry j of a stream with seed s is the top 32 bits of splitmix64(s + (j + 1) * golden), so any range of a
+stream can be drawn on its own, in parallel, on any device, and always gives the same numbers. An entry is
+kept with probability p when its 32-bit value is below p * 2**32, i.e. a Bernoulli(p) draw with a
+resolution of 2**-32 (finer than float32's uniform draws). Each model's stream seed is drawn from the
+tensor's `torch.Generator`, so the merge seed still decides everything.
+
+This module holds the definition in torch (any device); `cpu_kernels` holds the same hash in numba.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+TWO32 = 4294967296.0
+
+
+def _signed(v: int) -> int:
+    """A 64-bit pattern as the int64 value with the same bits (torch has no uint64 arithmetic)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def stream_seed(generator: torch.Generator) -> int:
+    """A 63-bit stream seed drawn from `generator` (one draw per model and tensor)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_u32(seed: int, count: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """Entries start .. start+count-1 of stream `seed`: int64 tensor of values in [0, 2**32)."""
+    j = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z = j * _signed(GOLDEN) + _signed(seed)
+    z = (z ^ _shr(z, 30)) * _signed(MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(MIX2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 32)
+
+
+def keep_threshold(p: float) -> int:
+    """The integer bound below which a 32-bit stream value means 'keep' for probability p."""
+    return max(0, min(1 << 32, int(p * TWO32)))
+
+
+def bernoulli_keep(
+    seed: int, shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str
+) -> torch.Tensor:
+    """Bool tensor of `shape`: entry j (row-major) kept when stream value j < p * 2**32."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return (uniform_u32(seed, n, device) < keep_threshold(p)).reshape(shape)
+
+
+def bernoulli_keep_probs(seed: int, probs: torch.Tensor) -> torch.Tensor:
+    """Bool tensor like `probs`: entry j kept when stream value j < probs[j] * 2**32 (compared in float64)."""
+    u = uniform_u32(seed, probs.numel(), probs.device).to(torch.float64)
+    return (u < probs.reshape(-1).to(torch.float64) * TWO32).reshape(probs.shape)

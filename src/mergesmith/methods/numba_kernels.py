@@ -1,0 +1,367 @@
+"""Fused CPU kernels (numba) for the sparsifying task-vector methods: ties, dare_*, della*.
+
+The torch code in `task_arithmetic` and `primitives` is the definition; these kernels compute the same
+thing in one or two passes over memory instead of a dozen, for bfloat16 and float32 tensors. They follow
+the same rounding steps (bfloat16 results are rounded to nearest-even after each step the torch code
+rounds), so they give the same bits; the random methods draw from the same `hashrng` stream.
+
+Arrays are bfloat16 bit patterns (uint16) or float32; every kernel works on both (the helpers below
+dispatch on the array dtype at compile time). This module imports numba: import it only where the
+kernels run. Compiled code is cached on disk, so only the first run pays for compiling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+from mergesmith.methods.hashrng import GOLDEN, MIX1, MIX2
+
+u32 = np.uint32
+u64 = np.uint64
+f32 = np.float32
+
+
+@intrinsic
+def f32_from_bits(typingctx: Any, x: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def bits_from_f32(typingctx: Any, x: Any) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(types.float32), codegen
+
+
+def load(a: Any, j: int) -> Any:
+    """Entry j of a bfloat16-bits or float32 array, as float32."""
+
+
+def rnd(like: Any, f: Any) -> Any:
+    """f rounded to the dtype of array `like` (nearest even for bfloat16, as torch converts)."""
+
+
+def store(a: Any, j: int, f: Any) -> None:
+    """Write float32 f (already rounded) into entry j of a bfloat16-bits or float32 array."""
+
+
+@overload(load)
+def _load(a, j):  # type: ignore[no-untyped-def]  # numba compares these parameters with the lambda's
+    if a.dtype == types.uint16:
+        return lambda a, j: f32_from_bits(u32(a[j]) << u32(16))
+    return lambda a, j: f32(a[j])
+
+
+@numba.njit
+def _round_bf16(f: Any) -> Any:
+    if f != f:
+        return f32_from_bits(u32(0x7FC00000))
+    b = bits_from_f32(f32(f))
+    b = b + u32(0x7FFF) + ((b >> u32(16)) & u32(1))
+    return f32_from_bits(b & u32(0xFFFF0000))
+
+
+@overload(rnd)
+def _rnd(like, f):  # type: ignore[no-untyped-def]
+    if like.dtype == types.uint16:
+        return lambda like, f: _round_bf16(f)
+    return lambda like, f: f32(f)
+
+
+@overload(store)
+def _store(a, j, f):  # type: ignore[no-untyped-def]
+    if a.dtype == types.uint16:
+        return lambda a, j, f: _set_u16(a, j, u32(bits_from_f32(f32(f)) >> u32(16)))
+    return lambda a, j, f: _set_f32(a, j, f32(f))
+
+
+@numba.njit
+def _set_u16(a: Any, j: int, v: Any) -> None:
+    a[j] = np.uint16(v)
+
+
+@numba.njit
+def _set_f32(a: Any, j: int, v: Any) -> None:
+    a[j] = v
+
+
+jit = numba.njit(cache=True, nogil=True)
+pjit = numba.njit(cache=True, nogil=True, parallel=True)
+# For kernels that also sum norms: 'reassoc' lets those float64 sums vectorize (their order is free;
+# no other fast-math flag, so every rounding step of the merge itself stays exact).
+sjit = numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc"})
+
+
+@numba.njit
+def key(d: Any) -> Any:
+    """Magnitude order key: the bits of |d| (monotonic in |d| for non-negative floats)."""
+    return bits_from_f32(f32(d)) & u32(0x7FFFFFFF)
+
+
+@numba.njit
+def stream(seed: Any, j: Any) -> Any:
+    """Value j of the `hashrng` stream with this seed (32 bits, as uint64)."""
+    z = u64(seed) + (u64(j) + u64(1)) * u64(GOLDEN)
+    z = (z ^ (z >> u64(30))) * u64(MIX1)
+    z = (z ^ (z >> u64(27))) * u64(MIX2)
+    z = z ^ (z >> u64(31))
+    return z >> u64(32)
+
+
+@numba.njit
+def delta(base: Any, ft: Any, j: int) -> Any:
+    """ft[j] - base[j] rounded to the arrays' dtype, as float32."""
+    return rnd(base, load(ft, j) - load(base, j))
+
+
+# Kernels split the flat range into `block`-sized pieces, one per parallel iteration, and work on
+# slices of each piece: loops that start at 0 are the ones LLVM vectorizes.
+
+
+@pjit
+def hist_high(base: Any, ft: Any, block: int) -> Any:
+    """Per block: counts of the top 15 key bits of d = ft - base."""
+    n = base.size
+    nb = (n + block - 1) // block
+    hist = np.zeros((nb, 32768), np.int64)
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        b, f, h = base[lo:hi], ft[lo:hi], hist[c]
+        for j in range(hi - lo):
+            h[key(delta(b, f, j)) >> u32(16)] += 1
+    return hist
+
+
+@pjit
+def hist_low(base: Any, ft: Any, block: int, high: int) -> Any:
+    """Per block: counts of the low 16 key bits among entries whose top bits equal `high`."""
+    n = base.size
+    nb = (n + block - 1) // block
+    hist = np.zeros((nb, 65536), np.int64)
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        b, f, h = base[lo:hi], ft[lo:hi], hist[c]
+        for j in range(hi - lo):
+            k = key(delta(b, f, j))
+            if (k >> u32(16)) == high:
+                h[k & u32(0xFFFF)] += 1
+    return hist
+
+
+@jit
+def find_cut(base: Any, ft: Any, lo: int, hi: int, thr: int, m: int) -> int:
+    """Index just after the m-th entry (1-based) in [lo, hi) whose key equals thr."""
+    seen = 0
+    for j in range(lo, hi):
+        if key(delta(base, ft, j)) == thr:
+            seen += 1
+            if seen == m:
+                return j + 1
+    return hi
+
+
+@sjit
+def prune_magnitude(base: Any, ft: Any, thr: int, cut: int, out: Any, block: int) -> Any:
+    """out = d where key(d) > thr, or == thr before index cut; 0 elsewhere. Returns norm sums."""
+    n = base.size
+    nb = (n + block - 1) // block
+    sums = np.zeros((nb, 6))
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
+        edge = min(max(cut - lo, 0), hi - lo)  # entries equal to thr are kept below this local index
+        s0 = s1 = s2 = s3 = 0.0
+        m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+        for j in range(hi - lo):
+            d = delta(b, f, j)
+            k = key(d)
+            v = d if k > thr or (k == thr and j < edge) else f32(0.0)
+            store(o, j, v)
+            a, w = np.float64(abs(d)), np.float64(abs(v))
+            s0 += a
+            s1 += w
+            s2 += a * a
+            s3 += w * w
+            m4 = max(m4, key(d))
+            m5 = max(m5, key(v))
+        sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
+        sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+    return sums
+
+
+@sjit
+def prune_random(base: Any, ft: Any, seed: int, bound: int, keep_prob: Any, out: Any, block: int) -> Any:
+    """out (float32) = d where stream(seed, j) < bound (divided by keep_prob when > 0), 0 elsewhere."""
+    n = base.size
+    nb = (n + block - 1) // block
+    sums = np.zeros((nb, 6))
+    ubound = u64(bound)
+    scale = f32(keep_prob) if keep_prob > 0 else f32(1.0)
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
+        s0 = s1 = s2 = s3 = 0.0
+        m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+        for j in range(hi - lo):
+            d = delta(b, f, j)
+            v = f32(d) / scale if stream(seed, lo + j) < ubound else f32(0.0)
+            o[j] = v
+            a, w = np.float64(abs(d)), np.float64(abs(v))
+            s0 += a
+            s1 += w
+            s2 += a * a
+            s3 += w * w
+            m4 = max(m4, key(d))
+            m5 = max(m5, key(v))
+        sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
+        sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+    return sums
+
+
+@sjit
+def prune_della(
+    base: Any,
+    ft: Any,
+    rows: int,
+    width: int,
+    low: Any,
+    span: Any,
+    seed: int,
+    keep_prob: bool,
+    out: Any,
+    first: int,
+) -> Any:
+    """DELLA MagPrune per row: keep probability low + span * rank / (width - 1), ranks by |d| ascending
+    (stable). out (float32) = d, or d / p, where kept; 0 elsewhere. Returns norm sums per row.
+    The radix sort starts at key byte `first` (2 for bfloat16, whose low key bytes are zero)."""
+    sums = np.zeros((rows, 6))
+    for r in prange(rows):
+        off = r * width
+        b, f, o = base[off : off + width], ft[off : off + width], out[off : off + width]
+        keys = np.empty(width, np.uint32)
+        order = np.empty(width, np.int64)
+        spare = np.empty(width, np.int64)
+        count = np.zeros(256, np.int64)
+        for i in range(width):
+            keys[i] = key(delta(b, f, i))
+            order[i] = i
+        # stable least-significant-byte radix sort of positions by key
+        for byte in range(first, 4):
+            shift = u32(8 * byte)
+            count[:] = 0
+            for i in range(width):
+                count[(keys[i] >> shift) & u32(255)] += 1
+            if count.max() == width:
+                continue  # every key has the same byte here: the order does not change
+            total = 0
+            for v in range(256):
+                c = count[v]
+                count[v] = total
+                total += c
+            for i in range(width):
+                p = order[i]
+                v = (keys[p] >> shift) & u32(255)
+                spare[count[v]] = p
+                count[v] += 1
+            order, spare = spare, order
+        s0 = s1 = s2 = s3 = s4 = s5 = 0.0
+        for rank in range(width):
+            i = order[rank]
+            d = delta(b, f, i)
+            rn = f32(rank) / f32(width - 1) if width > 1 else f32(0.5)
+            p = f32(low + rn * span)
+            a = abs(d)
+            s0 += a
+            s2 += a * a
+            s4 = max(s4, a)
+            if np.float64(stream(seed, off + i)) < np.float64(p) * 4294967296.0:
+                v = f32(d) / p if keep_prob else f32(d)
+                o[i] = v
+                s1 += abs(v)
+                s3 += np.float64(v) * v
+                s5 = max(s5, abs(v))
+            else:
+                o[i] = f32(0.0)
+        sums[r, 0], sums[r, 1], sums[r, 2] = s0, s1, s2
+        sums[r, 3], sums[r, 4], sums[r, 5] = s3, s4, s5
+    return sums
+
+
+TILE = 2048  # combine works through each block in tiles that stay in the L1/L2 cache
+
+
+@pjit
+def combine(
+    base: Any,
+    deltas: Any,
+    weights: Any,
+    consensus: bool,
+    normalize: bool,
+    lam: Any,
+    scale_lam: bool,
+    linear_div: Any,
+    out: Any,
+    block: int,
+) -> None:
+    """base + lam * mix(weights[i] * deltas[i]) with TIES sign election when `consensus`.
+
+    Loops run model by model over a tile (so they vectorize); each entry still sums its models in
+    model order, as torch's sum over dim 0 does.
+    """
+    n = base.size
+    models = deltas.shape[0]
+    nb = (n + block - 1) // block
+    for c in prange(nb):
+        total = np.empty(TILE, np.float32)
+        mixed = np.empty(TILE, np.float32)
+        div = np.empty(TILE, np.float32)
+        for t0 in range(c * block, min(n, (c + 1) * block), TILE):
+            t1 = min(min(n, (c + 1) * block), t0 + TILE)
+            m = t1 - t0
+            b, o = base[t0:t1], out[t0:t1]
+            mixed[:m] = 0.0
+            if consensus:
+                total[:m] = 0.0
+                div[:m] = 0.0
+                for i in range(models):
+                    w, dr = weights[i], deltas[i][t0:t1]
+                    for j in range(m):
+                        total[j] += rnd(b, load(dr, j) * w)
+                for j in range(m):
+                    total[j] = rnd(b, total[j])
+                for i in range(models):
+                    w, dr = weights[i], deltas[i][t0:t1]
+                    for j in range(m):
+                        wd = rnd(b, load(dr, j) * w)
+                        agree = (wd > 0) if total[j] >= 0 else (wd < 0)
+                        mixed[j] += wd if agree else f32(0.0)
+                        div[j] += w if agree else f32(0.0)
+                for j in range(m):
+                    d = rnd(b, div[j])
+                    div[j] = d if d != 0 else f32(1.0)
+            else:
+                for i in range(models):
+                    w, dr = weights[i], deltas[i][t0:t1]
+                    for j in range(m):
+                        mixed[j] += rnd(b, load(dr, j) * w)
+                div[:m] = linear_div
+            for j in range(m):
+                x = rnd(b, mixed[j])
+                if normalize:
+                    x = rnd(b, x / div[j])
+                if scale_lam:
+                    x = rnd(b, x * lam)
+                store(o, j, rnd(b, load(b, j) + x))

@@ -1,0 +1,194 @@
+"""CPU fast path of the task-vector family (ties, dare_*, della*) on top of `numba_kernels`.
+
+`fast_combine` returns None whenever it does not apply (no numba, not on the CPU, a dtype other than
+bfloat16 / float32, breadcrumbs, tensors of more than two dimensions for della, small tensors where
+compiling would cost more than it saves); the caller then runs the torch definition.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mergesmith.methods import hashrng
+from mergesmith.methods.primitives import NORM_EPS, della_bounds_problem, generator_for
+
+if TYPE_CHECKING:
+    from mergesmith.methods.spec import MergeInputs
+    from mergesmith.methods.task_arithmetic import TaskVectorMethod
+
+# Below this many elements the torch code is fast enough (and tiny merges never pay for compiling).
+MIN_ELEMENTS = 1 << 16
+
+
+@functools.cache
+def _numba_importable() -> bool:
+    try:
+        import numba  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Whether the fused kernels may be used (numba installed; MERGESMITH_KERNELS=torch turns them off)."""
+    return os.environ.get("MERGESMITH_KERNELS", "").lower() != "torch" and _numba_importable()
+
+
+def _np(t: torch.Tensor) -> Any:
+    """A numpy view of a contiguous bfloat16 (as uint16 bits) or float32 tensor, flattened."""
+    import numpy as np
+
+    flat = t.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _block(n: int, threads: int) -> int:
+    return max(1 << 15, -(-n // (8 * threads)))
+
+
+def _norms(sums: Any, mode: str) -> tuple[float, float]:
+    """(before, after) norms of one pruned task vector from the kernels' per-block sums."""
+    if mode == "l1":
+        return float(sums[:, 0].sum()), float(sums[:, 1].sum())
+    if mode == "l2":
+        return math.sqrt(float(sums[:, 2].sum())), math.sqrt(float(sums[:, 3].sum()))
+    return float(sums[:, 4].max()), float(sums[:, 5].max())
+
+
+def _rescale(pruned: torch.Tensor, mode: str | None, sums: Any, keep_prob: float | None) -> torch.Tensor:
+    """Norm-matching rescale of a pruned task vector (in its own dtype), as `primitives.rescale_masked`."""
+    if mode is None or mode == "keep_prob":
+        return pruned if mode is None else pruned / keep_prob
+    before_f, after_f = _norms(sums, mode)
+    before = torch.tensor(before_f, dtype=torch.float32).to(pruned.dtype)
+    after = torch.tensor(after_f, dtype=torch.float32).to(pruned.dtype)
+    if before < NORM_EPS or after < NORM_EPS:
+        return pruned
+    return pruned * (before / after)
+
+
+def _magnitude(K: Any, b: Any, f: Any, n: int, density: float, bf16: bool, out: Any, block: int) -> Any:
+    """Keep the int(density * n) largest |d| (ties: lower index first), as `primitives.magnitude_prune`."""
+    import numpy as np
+
+    if density >= 1:
+        return K.prune_magnitude(b, f, -1, 0, out, block)
+    k = max(1, int(density * n))
+    hist = K.hist_high(b, f, block)
+    top = np.cumsum(hist.sum(0)[::-1])
+    i = int(np.argmax(top >= k))
+    high = 32767 - i
+    above = int(top[i - 1]) if i else 0
+    if bf16:
+        thr, per_block = high << 16, hist[:, high]
+    else:
+        low_hist = K.hist_low(b, f, block, high)
+        top2 = np.cumsum(low_hist.sum(0)[::-1])
+        i2 = int(np.argmax(top2 >= k - above))
+        low = 65535 - i2
+        above += int(top2[i2 - 1]) if i2 else 0
+        thr, per_block = (high << 16) | low, low_hist[:, low]
+    m = k - above  # entries equal to the threshold that are kept: the first m by index
+    reach = np.cumsum(per_block)
+    c = int(np.argmax(reach >= m))
+    before = int(reach[c - 1]) if c else 0
+    cut = K.find_cut(b, f, c * block, min(n, (c + 1) * block), thr, m - before)
+    return K.prune_magnitude(b, f, thr, cut, out, block)
+
+
+def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | None:
+    """The task-vector merge of `inputs` with the fused kernels, or None when they do not apply."""
+    from mergesmith.methods import task_arithmetic as ta
+
+    base = inputs.base
+    others = inputs.others
+    if base is None or not others or not enabled():
+        return None
+    if base.device.type != "cpu" or base.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    n = base.numel()
+    kind = {ta._magnitude: "magnitude", ta._random: "random", ta._della: "della"}.get(row.sparsify)  # type: ignore[arg-type]
+    if (
+        n < MIN_ELEMENTS
+        or kind is None
+        or any(t.dtype != base.dtype or t.shape != base.shape for t in others)
+    ):
+        return None
+    if kind == "della" and base.dim() > 2:
+        return None
+    params = dict(inputs.params)
+    per = [dict(p) for p in inputs.others_params]
+    if kind == "della":
+        for p in per:
+            problem = della_bounds_problem(float(p["density"]), float(p["epsilon"]))
+            if problem:
+                return None  # the torch code raises the error
+    import numba
+    import numpy as np
+
+    from mergesmith.methods import numba_kernels as K
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = numba.get_num_threads()
+    bf16 = base.dtype == torch.bfloat16
+    block = _block(n, threads)
+    mode = ta._rescale(params)
+    gen = generator_for(inputs.generator, torch.device("cpu")) if row.random else None
+    base_c = base.contiguous()
+    b = _np(base_c)
+    deltas = torch.empty((len(others), *base.shape), dtype=base.dtype)
+    for i, (tensor, mp) in enumerate(zip(others, per)):
+        f = _np(tensor.contiguous())
+        density = float(mp["density"])
+        if kind == "magnitude":
+            sums = _magnitude(K, b, f, n, density, bf16, _np(deltas[i]), block)
+            deltas[i] = _rescale(deltas[i], mode if density < 1 else None, sums, density)
+            continue
+        seed = hashrng.stream_seed(gen)  # type: ignore[arg-type]
+        work = torch.empty(base.shape, dtype=torch.float32)
+        keep_prob = mode == "keep_prob"
+        if density >= 1:
+            sums = K.prune_random(b, f, seed, 1 << 32, 0.0, _np(work), block)
+            mode_i = None
+        elif kind == "random":
+            bound = hashrng.keep_threshold(density)
+            sums = K.prune_random(b, f, seed, bound, density if keep_prob else 0.0, _np(work), block)
+            mode_i = mode
+        else:
+            rows = 1 if base.dim() < 2 else base.shape[0]
+            width = n // rows
+            eps = float(mp["epsilon"])
+            low, span = np.float32(density - eps), np.float32(2 * eps)
+            sums = K.prune_della(b, f, rows, width, low, span, seed, keep_prob, _np(work), 2 if bf16 else 0)
+            mode_i = mode
+        deltas[i] = _rescale(work, None if mode_i == "keep_prob" else mode_i, sums, None).to(base.dtype)
+        del work
+    weights_t = torch.tensor([float(mp["weight"]) for mp in per], dtype=base.dtype)
+    weights = weights_t.float().numpy()
+    linear_div = float(weights_t.sum())
+    if abs(linear_div) < 1e-8:
+        linear_div = 1.0
+    lam = float(params["lambda"])
+    out = torch.empty(base.shape, dtype=base.dtype)
+    d2 = deltas.view(len(others), -1)
+    d_np = d2.view(torch.int16).numpy().view(np.uint16) if bf16 else d2.numpy()
+    K.combine(
+        b,
+        d_np,
+        weights,
+        row.sign_consensus,
+        bool(params["normalize"]),
+        np.float32(lam),
+        lam != 1,
+        np.float32(linear_div),
+        _np(out),
+        block,
+    )
+    return out

@@ -1,0 +1,126 @@
+"""The fused CPU kernels (numba) against the torch definition of ties / dare / della."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergesmith.methods import hashrng, task_vector_fast
+
+pytest.importorskip("numba")
+
+METHODS = ["ties", "dare_linear", "dare_ties", "della", "della_linear"]
+
+
+def family(seed: int, models: int, shape: tuple[int, ...], dtype: torch.dtype, levels: int | None = None):
+    """A base and fine-tunes; with `levels`, deltas take few distinct magnitudes (many exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    out = [base.to(dtype)]
+    for _ in range(models):
+        noise = torch.randn(shape, generator=g) * 0.002
+        if levels:
+            noise = torch.randint(-levels, levels + 1, shape, generator=g) * 2.0**-10
+        out.append((base + noise).to(dtype))
+    return out
+
+
+def both(merge, monkeypatch, method, tensors, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(torch path, fused path) results of the same call."""
+    calls = []
+    real = task_vector_fast.fast_combine
+
+    def spy(row, inputs):
+        out = real(row, inputs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(task_vector_fast, "fast_combine", spy)
+    monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
+    slow = merge(method, tensors, **kw)
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+    fast = merge(method, tensors, **kw)
+    assert calls == [False, True], "the fused path was not taken"
+    return slow, fast
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", [None, "l1", "l2", "linf", "keep_prob"])
+def test_bfloat16_matches_the_torch_path_bit_for_bit(merge, monkeypatch, method, mode) -> None:
+    tensors = family(1, 2, (300, 256), torch.bfloat16)
+    per = {"weight": [0.7, -0.3], "density": [0.4, 0.75], "epsilon": [0.1, 0.2]}
+    if method == "ties":
+        params = {"rescale": mode is not None, "rescale_mode": mode or "l1", "lambda": 1.3}
+    else:
+        params = {"rescale": mode is not None, "rescale_mode": mode or "l1"}
+    per = {k: v for k, v in per.items() if k != "epsilon" or "della" in method}
+    slow, fast = both(merge, monkeypatch, method, tensors, params=params, per=per, seed=5)
+    assert torch.equal(slow, fast)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_matches_the_torch_path(merge, monkeypatch, method) -> None:
+    tensors = family(2, 3, (257, 300), torch.float32)
+    per = {"weight": [1.0, 0.5, 0.25], "density": [0.5, 0.3, 1.0]}
+    if "della" in method:
+        per["epsilon"] = [0.1, 0.2, 0.0]
+    slow, fast = both(merge, monkeypatch, method, tensors, per=per, seed=9)
+    if "della" in method:  # l1 norms are summed in another order: equal up to float rounding
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-9)
+    else:
+        assert torch.equal(slow, fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.93])
+def test_ties_threshold_with_many_exact_ties(merge, monkeypatch, dtype, density) -> None:
+    # deltas take 9 distinct magnitudes: the k-th largest value is shared by thousands of entries
+    tensors = family(3, 2, (400, 300), dtype, levels=4)
+    per = {"weight": [1.0, 1.0], "density": [density, density]}
+    slow, fast = both(merge, monkeypatch, "ties", tensors, per=per)
+    assert torch.equal(slow, fast)
+
+
+def test_one_dimensional_tensors(merge, monkeypatch) -> None:
+    tensors = family(4, 2, (70000,), torch.bfloat16)
+    for method in ("ties", "della", "dare_ties"):
+        per = {"weight": [1.0, 0.5], "density": [0.5, 0.5]}
+        if method == "della":
+            per["epsilon"] = [0.1, 0.1]
+        slow, fast = both(merge, monkeypatch, method, tensors, per=per, seed=1)
+        assert torch.equal(slow, fast)
+
+
+def test_small_tensors_and_float16_stay_on_the_torch_path(merge, monkeypatch) -> None:
+    calls = []
+    real = task_vector_fast.fast_combine
+    monkeypatch.setattr(task_vector_fast, "fast_combine", lambda row, inputs: calls.append(real(row, inputs)))
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+    merge("ties", family(5, 2, (10, 10), torch.bfloat16), per={"weight": [1, 1], "density": [0.5, 0.5]})
+    merge("ties", family(5, 2, (300, 256), torch.float16), per={"weight": [1, 1], "density": [0.5, 0.5]})
+    merge("breadcrumbs", family(5, 2, (300, 256), torch.bfloat16), per={"weight": [1, 1]})
+    assert calls == [None, None, None]
+
+
+def test_stream_matches_a_plain_python_splitmix64() -> None:
+    mask = (1 << 64) - 1
+
+    def reference(seed: int, j: int) -> int:
+        z = (seed + (j + 1) * hashrng.GOLDEN) & mask
+        z = ((z ^ (z >> 30)) * hashrng.MIX1) & mask
+        z = ((z ^ (z >> 27)) * hashrng.MIX2) & mask
+        return (z ^ (z >> 31)) >> 32
+
+    seed = 2**62 + 12345
+    assert hashrng.uniform_u32(seed, 50, start=1000).tolist() == [
+        reference(seed, j) for j in range(1000, 1050)
+    ]
+
+
+def test_stream_is_uniform() -> None:
+    u = hashrng.uniform_u32(7, 1 << 20).double() / 2**32
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    assert (counts - (1 << 16)).abs().max() < 6 * 256  # 6 sigma of a binomial count
+    assert abs(float(u.mean()) - 0.5) < 0.002
+    keep = hashrng.bernoulli_keep(7, (1 << 20,), 0.3, "cpu")
+    assert abs(float(keep.float().mean()) - 0.3) < 0.003
