@@ -61,6 +61,7 @@ def bernoulli_keep(
 
 
 def bernoulli_keep_probs(seed: int, probs: torch.Tensor) -> torch.Tensor:
-    """Bool tensor like `probs`: entry j kept when stream value j < probs[j] * 2**32 (compared in float64)."""
-    u = uniform_u32(seed, probs.numel(), probs.device).to(torch.float64)
-    return (u < probs.reshape(-1).to(torch.float64) * TWO32).reshape(probs.shape)
+    """Bool tensor like float32 `probs`: entry j kept when the top 24 bits of stream value j, as a float32,
+    are below probs[j] * 2**24 (both sides exact in float32: a 2**-24 resolution, as torch.rand has)."""
+    top = (uniform_u32(seed, probs.numel(), probs.device) >> 8).to(torch.float32)
+    return (top < probs.reshape(-1).to(torch.float32) * 16777216.0).reshape(probs.shape)

@@ -99,6 +99,7 @@ pjit = numba.njit(cache=True, nogil=True, parallel=True)
 # For kernels that also sum norms: 'reassoc' lets those float64 sums vectorize (their order is free;
 # no other fast-math flag, so every rounding step of the merge itself stays exact).
 sjit = numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc"})
+TILE = 2048  # kernels that keep per-entry scratch work through their block in tiles this long (L1-sized)
 
 
 @numba.njit
@@ -129,16 +130,36 @@ def delta(base: Any, ft: Any, j: int) -> Any:
 
 @pjit
 def hist_high(base: Any, ft: Any, block: int) -> Any:
-    """Per block: counts of the top 15 key bits of d = ft - base."""
+    """Per block: counts of the top 15 key bits of d = ft - base.
+
+    Keys are computed a tile at a time (vectorized), then counted into four interleaved histograms
+    so that runs of equal keys do not wait on each other's increments.
+    """
     n = base.size
     nb = (n + block - 1) // block
     hist = np.zeros((nb, 32768), np.int64)
     for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        b, f, h = base[lo:hi], ft[lo:hi], hist[c]
-        for j in range(hi - lo):
-            h[key(delta(b, f, j)) >> u32(16)] += 1
+        keys = np.empty(TILE, np.uint32)
+        h4 = np.zeros((4, 32768), np.int32)
+        end = min(n, (c + 1) * block)
+        for t0 in range(c * block, end, TILE):
+            t1 = min(end, t0 + TILE)
+            m = t1 - t0
+            b, f = base[t0:t1], ft[t0:t1]
+            for j in range(m):
+                keys[j] = key(delta(b, f, j)) >> u32(16)
+            j = 0
+            while j + 4 <= m:
+                h4[0, keys[j]] += 1
+                h4[1, keys[j + 1]] += 1
+                h4[2, keys[j + 2]] += 1
+                h4[3, keys[j + 3]] += 1
+                j += 4
+            while j < m:
+                h4[0, keys[j]] += 1
+                j += 1
+        for v in range(32768):
+            hist[c, v] = h4[0, v] + h4[1, v] + h4[2, v] + h4[3, v]
     return hist
 
 
@@ -231,6 +252,55 @@ def prune_random(base: Any, ft: Any, seed: int, bound: int, keep_prob: Any, out:
     return sums
 
 
+@jit
+def _row_ranks(keys: Any, ranks: Any, count: Any, order: Any, spare: Any, nbytes: int) -> None:
+    """ranks[i] = position of entry i when the row is sorted by key, equal keys by index (stable).
+
+    Counting sort over the key range when it is narrow (the usual case: a row's magnitudes span a few
+    binades), else a least-significant-byte radix sort over the key's `nbytes` low bytes.
+    """
+    width = keys.size
+    kmin, kmax = keys[0], keys[0]
+    for i in range(width):
+        kmin = min(kmin, keys[i])
+        kmax = max(kmax, keys[i])
+    span = int(kmax - kmin) + 1
+    if span <= count.size:
+        count[:span] = 0
+        for i in range(width):
+            count[keys[i] - kmin] += 1
+        total = 0
+        for v in range(span):
+            c = count[v]
+            count[v] = total
+            total += c
+        for i in range(width):
+            v = keys[i] - kmin
+            ranks[i] = count[v]
+            count[v] += 1
+        return
+    for i in range(width):
+        order[i] = i
+    for byte in range(nbytes):
+        shift = u32(8 * byte)
+        count[:256] = 0
+        for i in range(width):
+            count[(keys[i] >> shift) & u32(255)] += 1
+        total = 0
+        for v in range(256):
+            c = count[v]
+            count[v] = total
+            total += c
+        for i in range(width):
+            p = order[i]
+            v = (keys[p] >> shift) & u32(255)
+            spare[count[v]] = p
+            count[v] += 1
+        order, spare = spare, order
+    for r in range(width):
+        ranks[order[r]] = r
+
+
 @sjit
 def prune_della(
     base: Any,
@@ -242,65 +312,46 @@ def prune_della(
     seed: int,
     keep_prob: bool,
     out: Any,
-    first: int,
+    nbytes: int,
+    key_shift: int,
 ) -> Any:
     """DELLA MagPrune per row: keep probability low + span * rank / (width - 1), ranks by |d| ascending
     (stable). out (float32) = d, or d / p, where kept; 0 elsewhere. Returns norm sums per row.
-    The radix sort starts at key byte `first` (2 for bfloat16, whose low key bytes are zero)."""
+    Keys are shifted right by `key_shift` (16 for bfloat16, whose low key half is always zero) and
+    compared on their `nbytes` low bytes."""
     sums = np.zeros((rows, 6))
+    shift = u32(key_shift)
     for r in prange(rows):
         off = r * width
         b, f, o = base[off : off + width], ft[off : off + width], out[off : off + width]
         keys = np.empty(width, np.uint32)
+        ranks = np.empty(width, np.int32)
+        count = np.empty(8192, np.int64)
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
-        count = np.zeros(256, np.int64)
         for i in range(width):
-            keys[i] = key(delta(b, f, i))
-            order[i] = i
-        # stable least-significant-byte radix sort of positions by key
-        for byte in range(first, 4):
-            shift = u32(8 * byte)
-            count[:] = 0
-            for i in range(width):
-                count[(keys[i] >> shift) & u32(255)] += 1
-            if count.max() == width:
-                continue  # every key has the same byte here: the order does not change
-            total = 0
-            for v in range(256):
-                c = count[v]
-                count[v] = total
-                total += c
-            for i in range(width):
-                p = order[i]
-                v = (keys[p] >> shift) & u32(255)
-                spare[count[v]] = p
-                count[v] += 1
-            order, spare = spare, order
-        s0 = s1 = s2 = s3 = s4 = s5 = 0.0
-        for rank in range(width):
-            i = order[rank]
+            keys[i] = key(delta(b, f, i)) >> shift
+        _row_ranks(keys, ranks, count, order, spare, nbytes)
+        s0 = s1 = s2 = s3 = 0.0
+        m4 = m5 = u32(0)
+        scale = f32(width - 1)
+        for i in range(width):
             d = delta(b, f, i)
-            rn = f32(rank) / f32(width - 1) if width > 1 else f32(0.5)
+            rn = f32(ranks[i]) / scale if width > 1 else f32(0.5)
             p = f32(low + rn * span)
-            a = abs(d)
+            keep = f32(np.int32(stream(seed, off + i) >> u64(8))) < p * f32(16777216.0)
+            v = (f32(d) / p if keep_prob else f32(d)) if keep else f32(0.0)
+            o[i] = v
+            a, w = np.float64(abs(d)), np.float64(abs(v))
             s0 += a
+            s1 += w
             s2 += a * a
-            s4 = max(s4, a)
-            if np.float64(stream(seed, off + i)) < np.float64(p) * 4294967296.0:
-                v = f32(d) / p if keep_prob else f32(d)
-                o[i] = v
-                s1 += abs(v)
-                s3 += np.float64(v) * v
-                s5 = max(s5, abs(v))
-            else:
-                o[i] = f32(0.0)
+            s3 += w * w
+            m4 = max(m4, key(d))
+            m5 = max(m5, key(v))
         sums[r, 0], sums[r, 1], sums[r, 2] = s0, s1, s2
-        sums[r, 3], sums[r, 4], sums[r, 5] = s3, s4, s5
+        sums[r, 3], sums[r, 4], sums[r, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
     return sums
-
-
-TILE = 2048  # combine works through each block in tiles that stay in the L1/L2 cache
 
 
 @pjit
@@ -365,3 +416,139 @@ def combine(
                 if scale_lam:
                     x = rnd(b, x * lam)
                 store(o, j, rnd(b, load(b, j) + x))
+
+
+@sjit
+def random_sums(base: Any, ft: Any, seed: int, bound: int, block: int) -> Any:
+    """Per block: the norm sums of d and of d masked by stream(seed, j) < bound (see prune_random)."""
+    n = base.size
+    nb = (n + block - 1) // block
+    sums = np.zeros((nb, 6))
+    ubound = u64(bound)
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        b, f = base[lo:hi], ft[lo:hi]
+        s0 = s1 = s2 = s3 = 0.0
+        m4 = m5 = u32(0)
+        for j in range(hi - lo):
+            d = delta(b, f, j)
+            v = d if stream(seed, lo + j) < ubound else f32(0.0)
+            a, w = np.float64(abs(d)), np.float64(abs(v))
+            s0 += a
+            s1 += w
+            s2 += a * a
+            s3 += w * w
+            m4 = max(m4, key(d))
+            m5 = max(m5, key(v))
+        sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
+        sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+    return sums
+
+
+KEEP_ALL, KEEP_MAGNITUDE, KEEP_RANDOM = 0, 1, 2
+
+
+@pjit
+def combine_fused(
+    base: Any,
+    fts: Any,
+    kinds: Any,
+    thr: Any,
+    cut: Any,
+    seeds: Any,
+    bounds: Any,
+    factors: Any,
+    weights: Any,
+    consensus: bool,
+    normalize: bool,
+    lam: Any,
+    scale_lam: bool,
+    linear_div: Any,
+    out: Any,
+    block: int,
+) -> None:
+    """`combine` with each task vector made on the fly from fts[i] - base, never stored.
+
+    kinds[i]: KEEP_ALL; KEEP_MAGNITUDE (key > thr[i], or == thr[i] before index cut[i]); KEEP_RANDOM
+    (stream(seeds[i], j) < bounds[i]). Kept entries are multiplied by factors[i] in float32 and
+    rounded (DARE's norm rescale, as the torch code does it); dropped ones are 0.
+    """
+    n = base.size
+    models = len(fts)
+    nb = (n + block - 1) // block
+    for c in prange(nb):
+        wdt = np.empty((models, TILE), np.float32)
+        total = np.empty(TILE, np.float32)
+        mixed = np.empty(TILE, np.float32)
+        div = np.empty(TILE, np.float32)
+        end = min(n, (c + 1) * block)
+        for t0 in range(c * block, end, TILE):
+            t1 = min(end, t0 + TILE)
+            m = t1 - t0
+            b, o = base[t0:t1], out[t0:t1]
+            for i in range(models):
+                f, row, w, fac = fts[i][t0:t1], wdt[i], weights[i], factors[i]
+                kind = kinds[i]
+                if kind == KEEP_MAGNITUDE:
+                    th, edge = thr[i], min(max(cut[i] - t0, 0), m)
+                    for j in range(m):
+                        d = delta(b, f, j)
+                        k = key(d)
+                        v = d if k > th or (k == th and j < edge) else f32(0.0)
+                        row[j] = rnd(b, v * w)
+                elif kind == KEEP_RANDOM:
+                    seed, ubound = seeds[i], u64(bounds[i])
+                    for j in range(m):
+                        d = delta(b, f, j)
+                        v = d if stream(seed, t0 + j) < ubound else f32(0.0)
+                        row[j] = rnd(b, rnd(b, v * fac) * w)
+                else:
+                    for j in range(m):
+                        row[j] = rnd(b, rnd(b, delta(b, f, j) * fac) * w)
+            mixed[:m] = 0.0
+            if consensus:
+                total[:m] = 0.0
+                div[:m] = 0.0
+                for i in range(models):
+                    row = wdt[i]
+                    for j in range(m):
+                        total[j] += row[j]
+                for j in range(m):
+                    total[j] = rnd(b, total[j])
+                for i in range(models):
+                    row, w = wdt[i], weights[i]
+                    for j in range(m):
+                        wd = row[j]
+                        agree = (wd > 0) if total[j] >= 0 else (wd < 0)
+                        mixed[j] += wd if agree else f32(0.0)
+                        div[j] += w if agree else f32(0.0)
+                for j in range(m):
+                    d = rnd(b, div[j])
+                    div[j] = d if d != 0 else f32(1.0)
+            else:
+                for i in range(models):
+                    row = wdt[i]
+                    for j in range(m):
+                        mixed[j] += row[j]
+                div[:m] = linear_div
+            for j in range(m):
+                x = rnd(b, mixed[j])
+                if normalize:
+                    x = rnd(b, x / div[j])
+                if scale_lam:
+                    x = rnd(b, x * lam)
+                store(o, j, rnd(b, load(b, j) + x))
+
+
+@pjit
+def scale_into(work: Any, factor: Any, out: Any, block: int) -> None:
+    """out = work * factor (float32), rounded to out's dtype: a pruned task vector's norm rescale."""
+    n = work.size
+    nb = (n + block - 1) // block
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        w, o = work[lo:hi], out[lo:hi]
+        for j in range(hi - lo):
+            store(o, j, rnd(o, w[j] * factor))

@@ -74,13 +74,11 @@ def _rescale(pruned: torch.Tensor, mode: str | None, sums: Any, keep_prob: float
     return pruned * (before / after)
 
 
-def _magnitude(K: Any, b: Any, f: Any, n: int, density: float, bf16: bool, out: Any, block: int) -> Any:
-    """Keep the int(density * n) largest |d| (ties: lower index first), as `primitives.magnitude_prune`."""
+def _threshold(K: Any, b: Any, f: Any, n: int, k: int, bf16: bool, block: int) -> tuple[int, int]:
+    """(thr, cut) such that the k largest |d| are the entries with key > thr, plus those with key == thr
+    before index cut (ties: lower index first), as `primitives.topk_mask` orders them."""
     import numpy as np
 
-    if density >= 1:
-        return K.prune_magnitude(b, f, -1, 0, out, block)
-    k = max(1, int(density * n))
     hist = K.hist_high(b, f, block)
     top = np.cumsum(hist.sum(0)[::-1])
     i = int(np.argmax(top >= k))
@@ -99,8 +97,56 @@ def _magnitude(K: Any, b: Any, f: Any, n: int, density: float, bf16: bool, out: 
     reach = np.cumsum(per_block)
     c = int(np.argmax(reach >= m))
     before = int(reach[c - 1]) if c else 0
-    cut = K.find_cut(b, f, c * block, min(n, (c + 1) * block), thr, m - before)
+    return thr, K.find_cut(b, f, c * block, min(n, (c + 1) * block), thr, m - before)
+
+
+def _magnitude(K: Any, b: Any, f: Any, n: int, density: float, bf16: bool, out: Any, block: int) -> Any:
+    """Keep the int(density * n) largest |d| (ties: lower index first), as `primitives.magnitude_prune`."""
+    if density >= 1:
+        return K.prune_magnitude(b, f, -1, 0, out, block)
+    thr, cut = _threshold(K, b, f, n, max(1, int(density * n)), bf16, block)
     return K.prune_magnitude(b, f, thr, cut, out, block)
+
+
+def _factor(sums: Any, mode: str | None) -> float:
+    """DARE's float32 rescale factor norm(before) / norm(after), or 1 where the torch code skips it."""
+    import numpy as np
+
+    if mode is None:
+        return 1.0
+    before_f, after_f = _norms(sums, mode)
+    before, after = np.float32(before_f), np.float32(after_f)
+    if before < NORM_EPS or after < NORM_EPS:
+        return 1.0
+    return float(before / after)
+
+
+def _fused(
+    K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]], ctx: dict[str, Any]
+) -> None:
+    """One pass over the output: every task vector is made, pruned and combined on the fly."""
+    import numpy as np
+
+    n, bf16, block, mode, gen = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["gen"]
+    count = len(fts)
+    kinds, thr, cut, bounds = (np.zeros(count, np.int64) for _ in range(4))
+    seeds = np.zeros(count, np.uint64)
+    factors = np.ones(count, np.float32)
+    for i, (f, mp) in enumerate(zip(fts, per)):
+        density = float(mp["density"])
+        if kind == "magnitude":
+            if density < 1:
+                kinds[i] = K.KEEP_MAGNITUDE
+                thr[i], cut[i] = _threshold(K, b, f, n, max(1, int(density * n)), bf16, block)
+            continue
+        seed = hashrng.stream_seed(gen)
+        if density < 1:
+            kinds[i], seeds[i], bounds[i] = K.KEEP_RANDOM, seed, hashrng.keep_threshold(density)
+            if mode is not None:
+                factors[i] = _factor(K.random_sums(b, f, seed, int(bounds[i]), block), mode)
+    K.combine_fused(
+        b, tuple(fts), kinds, thr, cut, seeds, bounds, factors, *ctx["combine_args"], ctx["out"], block
+    )
 
 
 def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | None:
@@ -127,8 +173,7 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
     per = [dict(p) for p in inputs.others_params]
     if kind == "della":
         for p in per:
-            problem = della_bounds_problem(float(p["density"]), float(p["epsilon"]))
-            if problem:
+            if della_bounds_problem(float(p["density"]), float(p["epsilon"])):
                 return None  # the torch code raises the error
     import numba
     import numpy as np
@@ -136,22 +181,52 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
     from mergesmith.methods import numba_kernels as K
 
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    threads = numba.get_num_threads()
     bf16 = base.dtype == torch.bfloat16
-    block = _block(n, threads)
     mode = ta._rescale(params)
-    gen = generator_for(inputs.generator, torch.device("cpu")) if row.random else None
-    base_c = base.contiguous()
-    b = _np(base_c)
-    deltas = torch.empty((len(others), *base.shape), dtype=base.dtype)
-    for i, (tensor, mp) in enumerate(zip(others, per)):
-        f = _np(tensor.contiguous())
+    weights_t = torch.tensor([float(mp["weight"]) for mp in per], dtype=base.dtype)
+    linear_div = float(weights_t.sum())
+    lam = float(params["lambda"])
+    ctx = {
+        "n": n,
+        "bf16": bf16,
+        "block": _block(n, numba.get_num_threads()),
+        "mode": mode,
+        "gen": generator_for(inputs.generator, torch.device("cpu")) if row.random else None,
+        "combine_args": (
+            weights_t.float().numpy(),
+            row.sign_consensus,
+            bool(params["normalize"]),
+            np.float32(lam),
+            lam != 1,
+            np.float32(linear_div if abs(linear_div) >= 1e-8 else 1.0),
+        ),
+    }
+    tensors = [t.contiguous() for t in (base, *others)]  # kept alive while the kernels read them
+    b, fts = _np(tensors[0]), [_np(t) for t in tensors[1:]]
+    out = torch.empty(base.shape, dtype=base.dtype)
+    ctx["out"] = _np(out)
+    if (kind == "magnitude" and mode is None) or (kind == "random" and mode in (None, "l1", "l2", "linf")):
+        _fused(K, kind, b, fts, per, ctx)
+    else:
+        _two_pass(K, kind, b, fts, per, ctx, base)
+    return out
+
+
+def _two_pass(
+    K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]], ctx: dict[str, Any], base: torch.Tensor
+) -> None:
+    """Prune each task vector into memory (and rescale it with torch, as the torch code does), then combine."""
+    import numpy as np
+
+    n, bf16, block, mode, gen = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["gen"]
+    deltas = torch.empty((len(fts), *base.shape), dtype=base.dtype)
+    for i, (f, mp) in enumerate(zip(fts, per)):
         density = float(mp["density"])
         if kind == "magnitude":
             sums = _magnitude(K, b, f, n, density, bf16, _np(deltas[i]), block)
             deltas[i] = _rescale(deltas[i], mode if density < 1 else None, sums, density)
             continue
-        seed = hashrng.stream_seed(gen)  # type: ignore[arg-type]
+        seed = hashrng.stream_seed(gen)
         work = torch.empty(base.shape, dtype=torch.float32)
         keep_prob = mode == "keep_prob"
         if density >= 1:
@@ -166,29 +241,19 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
             width = n // rows
             eps = float(mp["epsilon"])
             low, span = np.float32(density - eps), np.float32(2 * eps)
-            sums = K.prune_della(b, f, rows, width, low, span, seed, keep_prob, _np(work), 2 if bf16 else 0)
+            sums = K.prune_della(b, f, rows, width, low, span, seed, keep_prob, _np(work), 2 if bf16 else 4, 16 if bf16 else 0)
             mode_i = mode
-        deltas[i] = _rescale(work, None if mode_i == "keep_prob" else mode_i, sums, None).to(base.dtype)
+        factor = _factor(sums, None if mode_i == "keep_prob" else mode_i)
+        K.scale_into(_np(work), np.float32(factor), _np(deltas[i]), block)
         del work
-    weights_t = torch.tensor([float(mp["weight"]) for mp in per], dtype=base.dtype)
-    weights = weights_t.float().numpy()
-    linear_div = float(weights_t.sum())
-    if abs(linear_div) < 1e-8:
-        linear_div = 1.0
-    lam = float(params["lambda"])
-    out = torch.empty(base.shape, dtype=base.dtype)
-    d2 = deltas.view(len(others), -1)
-    d_np = d2.view(torch.int16).numpy().view(np.uint16) if bf16 else d2.numpy()
-    K.combine(
-        b,
-        d_np,
-        weights,
-        row.sign_consensus,
-        bool(params["normalize"]),
-        np.float32(lam),
-        lam != 1,
-        np.float32(linear_div),
-        _np(out),
-        block,
-    )
-    return out
+    K.combine(b, _np2(deltas), *ctx["combine_args"], ctx["out"], block)
+
+
+def _np2(t: torch.Tensor) -> Any:
+    """A (rows, -1) numpy view of a contiguous bfloat16 (uint16 bits) or float32 tensor."""
+    import numpy as np
+
+    flat = t.reshape(t.shape[0], -1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
