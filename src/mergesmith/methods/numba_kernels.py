@@ -314,43 +314,46 @@ def prune_della(
     out: Any,
     nbytes: int,
     key_shift: int,
+    block_rows: int,
 ) -> Any:
     """DELLA MagPrune per row: keep probability low + span * rank / (width - 1), ranks by |d| ascending
     (stable). out (float32) = d, or d / p, where kept; 0 elsewhere. Returns norm sums per row.
     Keys are shifted right by `key_shift` (16 for bfloat16, whose low key half is always zero) and
-    compared on their `nbytes` low bytes."""
+    compared on their `nbytes` low bytes. Rows are handed out `block_rows` at a time."""
     sums = np.zeros((rows, 6))
     shift = u32(key_shift)
-    for r in prange(rows):
-        off = r * width
-        b, f, o = base[off : off + width], ft[off : off + width], out[off : off + width]
+    chunks = (rows + block_rows - 1) // block_rows
+    for c in prange(chunks):
         keys = np.empty(width, np.uint32)
         ranks = np.empty(width, np.int32)
-        count = np.empty(8192, np.int64)
+        count = np.empty(32768, np.int64)  # covers every bfloat16 key: counting sort always applies there
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
-        for i in range(width):
-            keys[i] = key(delta(b, f, i)) >> shift
-        _row_ranks(keys, ranks, count, order, spare, nbytes)
-        s0 = s1 = s2 = s3 = 0.0
-        m4 = m5 = u32(0)
         scale = f32(width - 1)
-        for i in range(width):
-            d = delta(b, f, i)
-            rn = f32(ranks[i]) / scale if width > 1 else f32(0.5)
-            p = f32(low + rn * span)
-            keep = f32(np.int32(stream(seed, off + i) >> u64(8))) < p * f32(16777216.0)
-            v = (f32(d) / p if keep_prob else f32(d)) if keep else f32(0.0)
-            o[i] = v
-            a, w = np.float64(abs(d)), np.float64(abs(v))
-            s0 += a
-            s1 += w
-            s2 += a * a
-            s3 += w * w
-            m4 = max(m4, key(d))
-            m5 = max(m5, key(v))
-        sums[r, 0], sums[r, 1], sums[r, 2] = s0, s1, s2
-        sums[r, 3], sums[r, 4], sums[r, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+        for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
+            off = r * width
+            b, f, o = base[off : off + width], ft[off : off + width], out[off : off + width]
+            for i in range(width):
+                keys[i] = key(delta(b, f, i)) >> shift
+            _row_ranks(keys, ranks, count, order, spare, nbytes)
+            s0 = s1 = s2 = s3 = 0.0
+            m4 = m5 = u32(0)
+            for i in range(width):
+                d = delta(b, f, i)
+                rn = f32(ranks[i]) / scale if width > 1 else f32(0.5)
+                p = f32(low + rn * span)
+                keep = f32(np.int32(stream(seed, off + i) >> u64(8))) < p * f32(16777216.0)
+                v = (f32(d) / p if keep_prob else f32(d)) if keep else f32(0.0)
+                o[i] = v
+                a, w = np.float64(abs(d)), np.float64(abs(v))
+                s0 += a
+                s1 += w
+                s2 += a * a
+                s3 += w * w
+                m4 = max(m4, key(d))
+                m5 = max(m5, key(v))
+            sums[r, 0], sums[r, 1], sums[r, 2] = s0, s1, s2
+            sums[r, 3], sums[r, 4], sums[r, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
     return sums
 
 

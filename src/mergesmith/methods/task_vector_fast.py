@@ -215,7 +215,8 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
 def _two_pass(
     K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]], ctx: dict[str, Any], base: torch.Tensor
 ) -> None:
-    """Prune each task vector into memory (and rescale it with torch, as the torch code does), then combine."""
+    """Prune each task vector into memory, rescale it, then combine."""
+    import numba
     import numpy as np
 
     n, bf16, block, mode, gen = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["gen"]
@@ -238,10 +239,11 @@ def _two_pass(
             mode_i = mode
         else:
             rows = 1 if base.dim() < 2 else base.shape[0]
+            threads = numba.get_num_threads()
             width = n // rows
             eps = float(mp["epsilon"])
             low, span = np.float32(density - eps), np.float32(2 * eps)
-            sums = K.prune_della(b, f, rows, width, low, span, seed, keep_prob, _np(work), 2 if bf16 else 4, 16 if bf16 else 0)
+            sums = K.prune_della(b, f, rows, width, low, span, seed, keep_prob, _np(work), 2 if bf16 else 4, 16 if bf16 else 0, max(1, rows // (8 * threads)))
             mode_i = mode
         factor = _factor(sums, None if mode_i == "keep_prob" else mode_i)
         K.scale_into(_np(work), np.float32(factor), _np(deltas[i]), block)
