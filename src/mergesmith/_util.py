@@ -90,3 +90,24 @@ def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
     """A ' (did you mean X?)' hint for a misspelt name, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def keep_freed_memory_in_heap() -> bool:
+    """Ask glibc to serve large buffers from the heap and keep them there once freed.
+
+    A merge allocates and frees tensors of the same few sizes thousands of times; by default each
+    large one is a fresh mmap whose pages the kernel zero-fills on first touch (seconds of system time
+    on a multi-GB merge). Meant for a process that exits after the merge (the CLI): memory freed
+    during the merge is reused, not handed back. Returns False where this is not glibc.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False

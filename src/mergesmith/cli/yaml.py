@@ -34,9 +34,12 @@ def yaml_cmd(config_file: str, out_path: str, plugins: tuple[str, ...], **kwargs
     options = options_from(kwargs)  # a bad flag value is a usage error (exit 2), raised here for click
 
     def work() -> None:
+        from mergesmith._util import keep_freed_memory_in_heap
         from mergesmith.api import run_merge
         from mergesmith.methods.registry import load_plugin
         from mergesmith.plan.render import render
+
+        keep_freed_memory_in_heap()  # this process ends with the merge
 
         for plugin in plugins:
             load_plugin(plugin)

@@ -121,9 +121,7 @@ def _factor(sums: Any, mode: str | None) -> float:
     return float(before / after)
 
 
-def _fused(
-    K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]], ctx: dict[str, Any]
-) -> None:
+def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]], ctx: dict[str, Any]) -> None:
     """One pass over the output: every task vector is made, pruned and combined on the fly."""
     import numpy as np
 
@@ -213,7 +211,13 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
 
 
 def _two_pass(
-    K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]], ctx: dict[str, Any], base: torch.Tensor
+    K: Any,
+    kind: str,
+    b: Any,
+    fts: list[Any],
+    per: list[dict[str, Any]],
+    ctx: dict[str, Any],
+    base: torch.Tensor,
 ) -> None:
     """Prune each task vector into memory, rescale it, then combine."""
     import numba
@@ -243,7 +247,20 @@ def _two_pass(
             width = n // rows
             eps = float(mp["epsilon"])
             low, span = np.float32(density - eps), np.float32(2 * eps)
-            sums = K.prune_della(b, f, rows, width, low, span, seed, keep_prob, _np(work), 2 if bf16 else 4, 16 if bf16 else 0, max(1, rows // (8 * threads)))
+            sums = K.prune_della(
+                b,
+                f,
+                rows,
+                width,
+                low,
+                span,
+                seed,
+                keep_prob,
+                _np(work),
+                2 if bf16 else 4,
+                16 if bf16 else 0,
+                max(1, rows // (8 * threads)),
+            )
             mode_i = mode
         factor = _factor(sums, None if mode_i == "keep_prob" else mode_i)
         K.scale_into(_np(work), np.float32(factor), _np(deltas[i]), block)
