@@ -118,6 +118,7 @@ def input_files(cfg_text: str) -> list[Path]:
 def read_floor(files: list[Path]) -> tuple[float, int]:
     for f in files:  # warm the page cache first
         subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)
+    os.sync()
     t0 = time.perf_counter()
     for f in files:
         subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)
@@ -127,6 +128,7 @@ def read_floor(files: list[Path]) -> tuple[float, int]:
 def write_floor(nbytes: int, where: Path) -> float:
     buf = bytearray(64 * 2**20)
     target = where / "floor.bin"
+    os.sync()
     t0 = time.perf_counter()
     with open(target, "wb") as fh:
         left = nbytes
@@ -141,6 +143,7 @@ def write_floor(nbytes: int, where: Path) -> float:
 
 def run(cmd: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in GB and exit status of a child process."""
+    os.sync()  # start with no dirty pages from the previous step being written back meanwhile
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -124,3 +124,23 @@ def test_stream_is_uniform() -> None:
     assert abs(float(u.mean()) - 0.5) < 0.002
     keep = hashrng.bernoulli_keep(7, (1 << 20,), 0.3, "cpu")
     assert abs(float(keep.float().mean()) - 0.3) < 0.003
+
+
+def test_a_numba_failure_falls_back_to_the_torch_code(merge, monkeypatch, caplog) -> None:
+    from numba.core.errors import TypingError
+
+    tensors = family(6, 2, (300, 256), torch.bfloat16)
+    per = {"weight": [1.0, 0.5], "density": [0.5, 0.5]}
+    monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
+    expected = merge("dare_ties", tensors, per=per, seed=4)
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+
+    def broken(*args, **kwargs):
+        raise TypingError("no implementation for this platform")
+
+    monkeypatch.setattr(task_vector_fast, "_run", broken)
+    monkeypatch.setattr(task_vector_fast, "_BROKEN", None)
+    got = merge("dare_ties", tensors, per=per, seed=4)
+    assert torch.equal(got, expected)  # same masks: the generator was rewound before the torch code ran
+    assert "fused CPU kernels unavailable" in caplog.text
+    assert not task_vector_fast.enabled()

@@ -131,13 +131,6 @@ def test_della_keep_probability_rises_with_magnitude() -> None:
     assert abs(float(high) - 0.68) < 0.02
 
 
-def test_generator_on_another_device_is_used_there() -> None:
-    probs = torch.full((100,), 0.5)
-    a = P.bernoulli_draw(probs, torch.Generator().manual_seed(3))
-    b = P.bernoulli_draw(probs, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
-
-
 def test_kth_smallest_is_exact_on_large_tensors_with_ties():
     from mergesmith.methods.primitives import kth_smallest
 

@@ -135,17 +135,6 @@ def generator_for(generator: torch.Generator | None, device: torch.device) -> to
     return fresh
 
 
-def bernoulli_draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """0/1 tensor (dtype of `probs`) with P(1) = probs: one stream seed is drawn from `generator` and
-    entry j is 1 when value j of that `hashrng` stream is below probs[j] * 2**32.
-
-    The stream is a hash of (seed, position), so the mask is the same on every device and however the
-    work is split; the fused CPU kernels draw the very same numbers.
-    """
-    seed = hashrng.stream_seed(generator_for(generator, torch.device("cpu")))
-    return hashrng.bernoulli_keep_probs(seed, probs).to(probs.dtype)
-
-
 # --------------------------------------------------------------------------- sparsifiers
 
 
@@ -232,8 +221,8 @@ def della_magprune(
     between. Equal magnitudes are ranked by position (stable sort). A row with a single entry
     gets probability `density` (mergekit divides 0 by 0 there and fails). "keep_prob"
     rescaling divides each kept entry by its own probability, as in the paper; "l1" matches
-    the L1 norm of the whole tensor, as mergekit does. Entry j (row-major) is kept when value j of
-    a `hashrng` stream, whose seed is drawn from `generator` first, is below its probability * 2**32.
+    the L1 norm of the whole tensor, as mergekit does. Entry j (row-major) is kept by
+    `hashrng.bernoulli_keep_probs` on a stream whose seed is drawn from `generator` first.
     """
     seed = hashrng.stream_seed(generator_for(generator, torch.device("cpu")))
     if density >= 1:

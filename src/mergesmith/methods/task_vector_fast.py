@@ -8,6 +8,7 @@ compiling would cost more than it saves); the caller then runs the torch definit
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,9 @@ from mergesmith.methods.primitives import NORM_EPS, della_bounds_problem, genera
 if TYPE_CHECKING:
     from mergesmith.methods.spec import MergeInputs
     from mergesmith.methods.task_arithmetic import TaskVectorMethod
+
+log = logging.getLogger(__name__)
+_BROKEN: str | None = None  # why the kernels failed once in this process, if they did
 
 # Below this many elements the torch code is fast enough (and tiny merges never pay for compiling).
 MIN_ELEMENTS = 1 << 16
@@ -35,8 +39,13 @@ def _numba_importable() -> bool:
 
 
 def enabled() -> bool:
-    """Whether the fused kernels may be used (numba installed; MERGESMITH_KERNELS=torch turns them off)."""
-    return os.environ.get("MERGESMITH_KERNELS", "").lower() != "torch" and _numba_importable()
+    """Whether the fused kernels may be used (numba installed and working; MERGESMITH_KERNELS=torch
+    turns them off)."""
+    return (
+        _BROKEN is None
+        and os.environ.get("MERGESMITH_KERNELS", "").lower() != "torch"
+        and _numba_importable()
+    )
 
 
 def _np(t: torch.Tensor) -> Any:
@@ -173,11 +182,34 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
         for p in per:
             if della_bounds_problem(float(p["density"]), float(p["epsilon"])):
                 return None  # the torch code raises the error
+    state = inputs.generator.get_state() if inputs.generator is not None else None
+    try:
+        return _run(row, inputs, kind, per, params)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("numba"):
+            raise
+        # A numba failure (say, no compiler support on this platform): warn once, use the torch code.
+        global _BROKEN
+        _BROKEN = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning("fused CPU kernels unavailable (%s); using the torch code", _BROKEN)
+        if state is not None:
+            inputs.generator.set_state(state)  # type: ignore[union-attr]
+        return None
+
+
+def _run(
+    row: TaskVectorMethod, inputs: MergeInputs, kind: str, per: list[dict[str, Any]], params: dict[str, Any]
+) -> torch.Tensor:
+    """Merge with the kernels (the checks in `fast_combine` have passed)."""
     import numba
     import numpy as np
 
     from mergesmith.methods import numba_kernels as K
+    from mergesmith.methods import task_arithmetic as ta
 
+    base, others = inputs.base, inputs.others
+    assert base is not None
+    n = base.numel()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     bf16 = base.dtype == torch.bfloat16
     mode = ta._rescale(params)
