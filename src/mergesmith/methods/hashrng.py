@@ -1,12 +1,13 @@
 """The random stream of the random methods (DARE, DELLA): a counter-based hash, not a sequential generator.
 
 Entry j of a stream with seed s is the top 32 bits of splitmix64(s + (j + 1) * golden), so any range of a
-stream can be drawn on its own, in parallel, on any device, and always gives the same numbers. An entry is
-kept with probability p when its 32-bit value is below p * 2**32, i.e. a Bernoulli(p) draw with a
-resolution of 2**-32 (finer than float32's uniform draws). Each model's stream seed is drawn from the
-tensor's `torch.Generator`, so the merge seed still decides everything.
+stream can be drawn on its own, in parallel, on any device, and always gives the same numbers. With one
+probability p for a whole tensor (DARE) an entry is kept when its 32-bit value is below p * 2**32, a
+Bernoulli(p) draw with a resolution of 2**-32; with a float32 probability per entry (DELLA) the top 24 bits
+are compared with p * 2**24, the resolution of a float32 uniform draw. Each model's stream seed is drawn
+from the tensor's `torch.Generator`, so the merge seed still decides everything.
 
-This module holds the definition in torch (any device); `cpu_kernels` holds the same hash in numba.
+This module holds the definition in torch (any device); `numba_kernels` holds the same hash in numba.
 """
 
 from __future__ import annotations

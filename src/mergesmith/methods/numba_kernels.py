@@ -253,11 +253,13 @@ def prune_random(base: Any, ft: Any, seed: int, bound: int, keep_prob: Any, out:
 
 
 @jit
-def _row_ranks(keys: Any, ranks: Any, count: Any, order: Any, spare: Any, nbytes: int) -> None:
+def _row_ranks(keys: Any, ranks: Any, count: Any, order: Any, spare: Any) -> None:
     """ranks[i] = position of entry i when the row is sorted by key, equal keys by index (stable).
 
-    Counting sort over the key range when it is narrow (the usual case: a row's magnitudes span a few
-    binades), else a least-significant-byte radix sort over the key's `nbytes` low bytes.
+    A counting sort over the key range when `count` can hold it (every bfloat16 row: clearing and
+    summing even 32768 counters costs less than the scattered writes of a second pass), else a
+    least-significant-digit radix sort of (key - smallest key) in as few digits of at most 11 bits as
+    cover the range (float32 rows).
     """
     width = keys.size
     kmin, kmax = keys[0], keys[0]
@@ -279,21 +281,27 @@ def _row_ranks(keys: Any, ranks: Any, count: Any, order: Any, spare: Any, nbytes
             ranks[i] = count[v]
             count[v] += 1
         return
+    bits = 0
+    while (1 << bits) < span:
+        bits += 1
+    passes = (bits + 10) // 11
+    digit = (bits + passes - 1) // passes
+    mask = (1 << digit) - 1
     for i in range(width):
         order[i] = i
-    for byte in range(nbytes):
-        shift = u32(8 * byte)
-        count[:256] = 0
+    for step in range(passes):
+        shift = digit * step
+        count[: mask + 1] = 0
         for i in range(width):
-            count[(keys[i] >> shift) & u32(255)] += 1
+            count[((keys[i] - kmin) >> shift) & mask] += 1
         total = 0
-        for v in range(256):
+        for v in range(mask + 1):
             c = count[v]
             count[v] = total
             total += c
         for i in range(width):
             p = order[i]
-            v = (keys[p] >> shift) & u32(255)
+            v = ((keys[p] - kmin) >> shift) & mask
             spare[count[v]] = p
             count[v] += 1
         order, spare = spare, order
@@ -312,21 +320,20 @@ def prune_della(
     seed: int,
     keep_prob: bool,
     out: Any,
-    nbytes: int,
     key_shift: int,
     block_rows: int,
 ) -> Any:
     """DELLA MagPrune per row: keep probability low + span * rank / (width - 1), ranks by |d| ascending
     (stable). out (float32) = d, or d / p, where kept; 0 elsewhere. Returns norm sums per row.
-    Keys are shifted right by `key_shift` (16 for bfloat16, whose low key half is always zero) and
-    compared on their `nbytes` low bytes. Rows are handed out `block_rows` at a time."""
+    Keys are shifted right by `key_shift` (16 for bfloat16, whose low key half is always zero). Rows
+    are handed out `block_rows` at a time."""
     sums = np.zeros((rows, 6))
     shift = u32(key_shift)
     chunks = (rows + block_rows - 1) // block_rows
     for c in prange(chunks):
         keys = np.empty(width, np.uint32)
         ranks = np.empty(width, np.int32)
-        count = np.empty(32768, np.int64)  # covers every bfloat16 key: counting sort always applies there
+        count = np.empty(32768, np.int64)
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
         scale = f32(width - 1)
@@ -335,7 +342,7 @@ def prune_della(
             b, f, o = base[off : off + width], ft[off : off + width], out[off : off + width]
             for i in range(width):
                 keys[i] = key(delta(b, f, i)) >> shift
-            _row_ranks(keys, ranks, count, order, spare, nbytes)
+            _row_ranks(keys, ranks, count, order, spare)
             s0 = s1 = s2 = s3 = 0.0
             m4 = m5 = u32(0)
             for i in range(width):

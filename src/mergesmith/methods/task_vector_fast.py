@@ -289,7 +289,6 @@ def _two_pass(
                 seed,
                 keep_prob,
                 _np(work),
-                2 if bf16 else 4,
                 16 if bf16 else 0,
                 max(1, rows // (8 * threads)),
             )
