@@ -23,6 +23,14 @@ def wide_models(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def config(method: str, base: Path, a: Path, b: Path) -> dict:
+    if method == "slerp":
+        return {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(a)}],
+            "parameters": {"t": [0.2, 0.7]},
+            "dtype": "bfloat16",
+        }
     extra = {"epsilon": 0.1} if method == "della" else {}
     return {
         "merge_method": method,
@@ -35,13 +43,19 @@ def config(method: str, base: Path, a: Path, b: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp"])
 def test_fused_kernels_write_the_same_files(wide_models, tmp_path, monkeypatch, method) -> None:
-    from mergesmith.methods import task_vector_fast
+    from mergesmith.methods import numba_kernels, task_vector_fast
 
     used = []
-    real = task_vector_fast.fast_combine
-    monkeypatch.setattr(task_vector_fast, "fast_combine", lambda r, i: used.append(real(r, i)) or used[-1])
+    if method == "slerp":
+        real_lerp = numba_kernels.lerp_into
+        monkeypatch.setattr(numba_kernels, "lerp_into", lambda *a: used.append(True) or real_lerp(*a))
+    else:
+        real = task_vector_fast.fast_combine
+        monkeypatch.setattr(
+            task_vector_fast, "fast_combine", lambda r, i: used.append(real(r, i)) or used[-1]
+        )
     opts = MergeOptions(quiet=True, random_seed=11)
     monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
     run_merge(config(method, *wide_models), tmp_path / "torch", opts)

@@ -227,3 +227,16 @@ def test_abort_from_another_thread_stops_a_writing_thread(tmp_path):
     th.join(5)
     assert sorted(p.name for p in tmp_path.iterdir()) == after_abort
     assert errors or len(after_abort) == n  # the thread either hit the abort or had already finished
+
+
+def test_overlapped_hash_equals_sha256_of_the_bytes_in_order() -> None:
+    import hashlib
+    import os
+
+    from mergesmith.io.write import _OverlappedHash
+
+    chunks = [os.urandom(n) for n in (10, 3 << 20, 5, 1 << 20, (1 << 20) - 1, 2 << 20)]
+    h = _OverlappedHash(b"header")
+    for c in chunks:
+        h.update(memoryview(c))
+    assert h.hexdigest() == hashlib.sha256(b"header" + b"".join(chunks)).hexdigest()

@@ -144,3 +144,20 @@ def test_a_numba_failure_falls_back_to_the_torch_code(merge, monkeypatch, caplog
     assert torch.equal(got, expected)  # same masks: the generator was rewound before the torch code ran
     assert "fused CPU kernels unavailable" in caplog.text
     assert not task_vector_fast.enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_output_kernel_matches_the_torch_path(merge, monkeypatch, dtype, t) -> None:
+    base, other = family(7, 1, (300, 256), dtype)
+    monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
+    slow = merge("slerp", [base, other], params={"t": t})
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+    from mergesmith.methods import numba_kernels
+
+    calls = []
+    real = numba_kernels.lerp_into
+    monkeypatch.setattr(numba_kernels, "lerp_into", lambda *a: calls.append(1) or real(*a))
+    fast = merge("slerp", [base, other], params={"t": t})
+    assert calls == [1]
+    assert torch.equal(slow, fast)

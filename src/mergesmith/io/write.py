@@ -74,6 +74,37 @@ def layout_shards(entries: list[OutEntry], max_shard_bytes: int) -> list[Shard]:
 ShardDone = Callable[[str, str, tuple[str, ...]], None]  # (filename, sha256 hex, tensor names)
 
 
+class _OverlappedHash:
+    """A shard's sha256, computed on a helper thread while the writer thread writes the same bytes.
+
+    At most one chunk is being hashed at a time (each `update` first waits for the previous one), so
+    hashing adds no memory and keeps the file's byte order; hashlib releases the GIL on large buffers.
+    """
+
+    INLINE = 1 << 20  # smaller chunks are hashed on the calling thread
+
+    def __init__(self, first: bytes) -> None:
+        self._sha = hashlib.sha256(first)
+        self._pending: threading.Thread | None = None
+
+    def update(self, data: memoryview) -> None:
+        self.wait()
+        if data.nbytes < self.INLINE:
+            self._sha.update(data)
+            return
+        self._pending = threading.Thread(target=self._sha.update, args=(data,), daemon=True)
+        self._pending.start()
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._sha.hexdigest()
+
+
 class ShardWriter:
     """Writes tensors in layout order, whole or as consecutive row chunks; opens each shard when its first
     bytes arrive, hashes it (sha256) as it goes and reports each completed shard to `on_shard_done`.
@@ -144,7 +175,7 @@ class ShardWriter:
                 self._shard = si
                 self._fh = open(path, "wb")
                 header = self.shards[si].header()
-                self._hash = hashlib.sha256(header)
+                self._hash = _OverlappedHash(header)
                 self._fh.write(header)
             assert self._fh is not None
             if nbytes:

@@ -562,3 +562,19 @@ def scale_into(work: Any, factor: Any, out: Any, block: int) -> None:
         w, o = work[lo:hi], out[lo:hi]
         for j in range(hi - lo):
             store(o, j, rnd(o, w[j] * factor))
+
+
+@pjit
+def lerp_into(x: Any, y: Any, ca: Any, cb: Any, out: Any, block: int) -> None:
+    """out = ca * x + cb * y in float32 (each product rounded, then the sum), rounded to out's dtype:
+    the output pass of slerp, as torch computes it."""
+    n = x.size
+    nb = (n + block - 1) // block
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        a, b, o = x[lo:hi], y[lo:hi], out[lo:hi]
+        for j in range(hi - lo):
+            p = f32(ca * load(a, j))
+            q = f32(cb * load(b, j))
+            store(o, j, rnd(o, p + q))

@@ -62,6 +62,19 @@ def _block(n: int, threads: int) -> int:
     return max(1 << 15, -(-n // (8 * threads)))
 
 
+def block_size(n: int) -> int:
+    """Elements per parallel work item for a kernel over n entries, with numba set to torch's thread count."""
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return _block(n, numba.get_num_threads())
+
+
+def as_numpy(t: torch.Tensor) -> Any:
+    """A flat numpy view of a contiguous bfloat16 (as uint16 bits) or float32 tensor (no copy)."""
+    return _np(t)
+
+
 def _norms(sums: Any, mode: str) -> tuple[float, float]:
     """(before, after) norms of one pruned task vector from the kernels' per-block sums."""
     if mode == "l1":
