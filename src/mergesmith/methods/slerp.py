@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mergesmith.methods import task_vector_fast
 from mergesmith.methods.registry import register
 from mergesmith.methods.spec import MergeInputs, Param
 
@@ -43,36 +44,10 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sin = torch.sin(theta)
         ca, cb = torch.sin((1 - tt) * theta) / sin, torch.sin(tt * theta) / sin
     out = torch.empty_like(x)
-    if not _lerp_kernel(x, y, ca, cb, out):
+    if not task_vector_fast.lerp_into(x, y, ca, cb, out):
         for i, j in spans:
             out[i:j] = ca * x[i:j].to(dtype) + cb * y[i:j].to(dtype)
     return out.view(a.shape)
-
-
-def _lerp_kernel(
-    x: torch.Tensor, y: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor
-) -> bool:
-    """The output pass as one fused CPU kernel (same rounding steps) when it applies; False otherwise."""
-    from mergesmith.methods import task_vector_fast as fast
-
-    if not (
-        fast.enabled()
-        and x.device.type == "cpu"
-        and x.dtype in (torch.bfloat16, torch.float32)
-        and y.dtype == x.dtype
-        and x.numel() >= fast.MIN_ELEMENTS
-        and x.is_contiguous()
-        and y.is_contiguous()
-    ):
-        return False
-    import numpy as np
-
-    from mergesmith.methods import numba_kernels as K
-
-    n = x.numel()
-    block = fast.block_size(n)
-    K.lerp_into(fast.as_numpy(x), fast.as_numpy(y), np.float32(ca), np.float32(cb), fast.as_numpy(out), block)
-    return True
 
 
 @register(

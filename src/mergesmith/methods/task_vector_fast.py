@@ -62,17 +62,39 @@ def _block(n: int, threads: int) -> int:
     return max(1 << 15, -(-n // (8 * threads)))
 
 
-def block_size(n: int) -> int:
-    """Elements per parallel work item for a kernel over n entries, with numba set to torch's thread count."""
+def lerp_into(
+    x: torch.Tensor, y: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor
+) -> bool:
+    """out = ca * x + cb * y (slerp's output pass) with one fused CPU kernel, rounding as torch does.
+
+    Returns False, touching nothing, where the kernel does not apply (the caller then uses torch).
+    """
+    if not (
+        enabled()
+        and x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and y.dtype == x.dtype == out.dtype
+        and x.numel() >= MIN_ELEMENTS
+        and x.is_contiguous()
+        and y.is_contiguous()
+        and out.is_contiguous()
+    ):
+        return False
     import numba
+    import numpy as np
+
+    from mergesmith.methods import numba_kernels as K
 
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    return _block(n, numba.get_num_threads())
-
-
-def as_numpy(t: torch.Tensor) -> Any:
-    """A flat numpy view of a contiguous bfloat16 (as uint16 bits) or float32 tensor (no copy)."""
-    return _np(t)
+    block = _block(x.numel(), numba.get_num_threads())
+    try:
+        K.lerp_into(_np(x), _np(y), np.float32(ca), np.float32(cb), _np(out), block)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("numba"):
+            raise
+        _give_up(exc)
+        return False
+    return True
 
 
 def _norms(sums: Any, mode: str) -> tuple[float, float]:
@@ -169,6 +191,13 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
     )
 
 
+def _give_up(exc: BaseException) -> None:
+    """A numba failure (say, no compiler support on this platform): warn once, use the torch code."""
+    global _BROKEN
+    _BROKEN = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    log.warning("fused CPU kernels unavailable (%s); using the torch code", _BROKEN)
+
+
 def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | None:
     """The task-vector merge of `inputs` with the fused kernels, or None when they do not apply."""
     from mergesmith.methods import task_arithmetic as ta
@@ -201,10 +230,7 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
     except Exception as exc:
         if not type(exc).__module__.startswith("numba"):
             raise
-        # A numba failure (say, no compiler support on this platform): warn once, use the torch code.
-        global _BROKEN
-        _BROKEN = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        log.warning("fused CPU kernels unavailable (%s); using the torch code", _BROKEN)
+        _give_up(exc)
         if state is not None:
             inputs.generator.set_state(state)  # type: ignore[union-attr]
         return None
