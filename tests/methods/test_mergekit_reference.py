@@ -32,9 +32,9 @@ def test_fixture_covers_every_method() -> None:
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["method"] not in RANDOM], ids=lambda c: c["label"])
-def test_matches_mergekit(merge, case) -> None:
-    got = merge(
+def run_ours(merge, case) -> torch.Tensor:
+    """Our method on the fixture case's inputs, parameters and seed."""
+    return merge(
         case["method"],
         case["tensors"],
         base_index=case["base_index"],
@@ -42,6 +42,11 @@ def test_matches_mergekit(merge, case) -> None:
         per=case["per"],
         seed=case["rng"],
     )
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["method"] not in RANDOM], ids=lambda c: c["label"])
+def test_matches_mergekit(merge, case) -> None:
+    got = run_ours(merge, case)
     expected = case["expected"]
     assert got.shape == expected.shape
     if expected.dtype == torch.bfloat16:
@@ -55,14 +60,7 @@ def test_matches_mergekit(merge, case) -> None:
 def test_random_methods_change_what_mergekit_changes(merge, case) -> None:
     """Same inputs, our stream: the output is finite and moves off the base exactly where some task
     vector is non-zero (mergekit's output moves there too, with its own masks)."""
-    got = merge(
-        case["method"],
-        case["tensors"],
-        base_index=case["base_index"],
-        params=case["params"],
-        per=case["per"],
-        seed=case["rng"],
-    )
+    got = run_ours(merge, case)
     base = case["tensors"][case["base_index"]]
     assert got.shape == case["expected"].shape and torch.isfinite(got).all()
     others = [t for i, t in enumerate(case["tensors"]) if i != case["base_index"]]

@@ -58,6 +58,14 @@ def _np(t: torch.Tensor) -> Any:
     return flat.numpy()
 
 
+def _kernel_threads() -> int:
+    """Give numba's pool torch's thread count (what the executor chose for this method); return it."""
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return int(numba.get_num_threads())
+
+
 def _block(n: int, threads: int) -> int:
     return max(1 << 15, -(-n // (8 * threads)))
 
@@ -80,13 +88,11 @@ def lerp_into(
         and out.is_contiguous()
     ):
         return False
-    import numba
     import numpy as np
 
     from mergesmith.methods import numba_kernels as K
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    block = _block(x.numel(), numba.get_num_threads())
+    block = _block(x.numel(), _kernel_threads())
     try:
         K.lerp_into(_np(x), _np(y), np.float32(ca), np.float32(cb), _np(out), block)
     except Exception as exc:
@@ -240,7 +246,6 @@ def _run(
     row: TaskVectorMethod, inputs: MergeInputs, kind: str, per: list[dict[str, Any]], params: dict[str, Any]
 ) -> torch.Tensor:
     """Merge with the kernels (the checks in `fast_combine` have passed)."""
-    import numba
     import numpy as np
 
     from mergesmith.methods import numba_kernels as K
@@ -249,7 +254,7 @@ def _run(
     base, others = inputs.base, inputs.others
     assert base is not None
     n = base.numel()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = _kernel_threads()
     bf16 = base.dtype == torch.bfloat16
     mode = ta._rescale(params)
     weights_t = torch.tensor([float(mp["weight"]) for mp in per], dtype=base.dtype)
@@ -258,7 +263,8 @@ def _run(
     ctx = {
         "n": n,
         "bf16": bf16,
-        "block": _block(n, numba.get_num_threads()),
+        "block": _block(n, threads),
+        "threads": threads,
         "mode": mode,
         "gen": generator_for(inputs.generator, torch.device("cpu")) if row.random else None,
         "combine_args": (
@@ -291,7 +297,6 @@ def _two_pass(
     base: torch.Tensor,
 ) -> None:
     """Prune each task vector into memory, rescale it, then combine."""
-    import numba
     import numpy as np
 
     n, bf16, block, mode, gen = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["gen"]
@@ -314,7 +319,7 @@ def _two_pass(
             mode_i = mode
         else:
             rows = 1 if base.dim() < 2 else base.shape[0]
-            threads = numba.get_num_threads()
+            threads = ctx["threads"]
             width = n // rows
             eps = float(mp["epsilon"])
             low, span = np.float32(density - eps), np.float32(2 * eps)
