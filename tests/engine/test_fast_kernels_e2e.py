@@ -1,5 +1,5 @@
-"""End to end on real files: ties / dare / della merges with the fused CPU kernels write the same bytes
-as the torch definition, and the result loads in transformers."""
+"""End to end on real files: ties / dare / della / slerp / linear merges with the fused CPU kernels write
+the same bytes as the torch definition, and the result loads in transformers."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def config(method: str, base: Path, a: Path, b: Path) -> dict:
             "parameters": {"t": [0.2, 0.7]},
             "dtype": "bfloat16",
         }
+    if method == "linear":
+        return {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(m), "parameters": {"weight": w}} for m, w in ((base, 0.3), (a, 0.5), (b, -0.1))
+            ],
+            "dtype": "bfloat16",
+        }
     extra = {"epsilon": 0.1} if method == "della" else {}
     return {
         "merge_method": method,
@@ -43,14 +51,15 @@ def config(method: str, base: Path, a: Path, b: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp", "linear"])
 def test_fused_kernels_write_the_same_files(wide_models, tmp_path, monkeypatch, method) -> None:
     from mergesmith.methods import numba_kernels, task_vector_fast
 
     used = []
-    if method == "slerp":
-        real_lerp = numba_kernels.lerp_into
-        monkeypatch.setattr(numba_kernels, "lerp_into", lambda *a: used.append(True) or real_lerp(*a))
+    if method in ("slerp", "linear"):
+        kernel = "lerp_into" if method == "slerp" else "weighted_sum"
+        real_kernel = getattr(numba_kernels, kernel)
+        monkeypatch.setattr(numba_kernels, kernel, lambda *a: used.append(True) or real_kernel(*a))
     else:
         real = task_vector_fast.fast_combine
         monkeypatch.setattr(

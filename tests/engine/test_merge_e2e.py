@@ -290,3 +290,25 @@ def test_mergeconfig_from_yaml_file_and_text(llama_family, tmp_path):
     assert from_file == from_text and from_file.merge_method == "linear"
     run_merge(from_file, tmp_path / "out", QUIET)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("stored", "compute", "skipped"),
+    [
+        ("bfloat16", "bfloat16", True),
+        ("bfloat16", "float32", True),
+        ("float32", "float64", True),
+        ("bfloat16", "float16", False),  # float16 cannot hold 70000: the cast must happen
+        ("float32", "bfloat16", False),
+    ],
+)
+def test_passthrough_skips_casts_only_when_they_are_exact(stored, compute, skipped):
+    from mergesmith.engine.execute import _merge
+    from mergesmith.plan.types import Source, TensorPlan
+
+    t = torch.tensor([1.0, 70000.0, 1e-3, 3.14159], dtype=getattr(torch, stored))
+    tp = TensorPlan("w", "passthrough", (Source(0, "w"),), None, (), ((),), (4,), compute, stored)
+    out = _merge(tp, [t], 0, "cpu")
+    assert (out is t) == skipped
+    expected = t.to(getattr(torch, compute)).to(getattr(torch, stored))
+    assert torch.equal(out, expected)

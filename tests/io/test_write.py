@@ -240,3 +240,34 @@ def test_overlapped_hash_equals_sha256_of_the_bytes_in_order() -> None:
     for c in chunks:
         h.update(memoryview(c))
     assert h.hexdigest() == hashlib.sha256(b"header" + b"".join(chunks)).hexdigest()
+
+
+def test_shard_space_is_reserved_without_changing_the_file_size(tmp_path: Path) -> None:
+    from mergesmith._util import reserve_file_space
+
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as fh:
+        reserve_file_space(fh.fileno(), 10 * 2**20)
+        assert path.stat().st_size == 0  # the size grows only with the bytes written
+        fh.write(b"x" * 1000)
+    assert path.read_bytes() == b"x" * 1000
+
+
+def test_a_full_disk_fails_when_the_shard_opens_with_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import ctypes
+    import errno
+
+    from mergesmith import _util
+
+    class FullDisk:
+        def fallocate(self, fd: int, mode: int, offset: int, length: int) -> int:
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+
+    monkeypatch.setattr(_util, "_libc", lambda: FullDisk())
+    tensors = sample_tensors()
+    writer = ShardWriter(tmp_path, layout_shards(entries_of(tensors), 10**9))
+    name, first = next(iter(tensors.items()))
+    with pytest.raises(OutputError, match="No space left on device.*the shard needs"):
+        writer.write(name, first)
+    writer.abort()

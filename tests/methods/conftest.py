@@ -63,3 +63,8 @@ def run(
 @pytest.fixture(scope="session")
 def merge() -> Callable[..., torch.Tensor]:
     return run
+
+
+@pytest.fixture(scope="session")
+def make_inputs() -> Callable[..., MergeInputs]:
+    return build_inputs

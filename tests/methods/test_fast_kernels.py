@@ -161,3 +161,39 @@ def test_slerp_output_kernel_matches_the_torch_path(merge, monkeypatch, dtype, t
     fast = merge("slerp", [base, other], params={"t": t})
     assert calls == [1]
     assert torch.equal(slow, fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 0.5, 0.2], [0.7, -0.3, 1.1], [2.0, 0.0]])
+def test_linear_kernel_matches_the_torch_path(make_inputs, monkeypatch, dtype, normalize, weights) -> None:
+    from mergesmith.methods import numba_kernels
+    from mergesmith.methods.registry import get
+
+    # 300 x 257 entries: the blocks do not divide the tensor evenly, and the last tile is short
+    tensors = family(5, len(weights) - 1, (300, 257), dtype)
+    tensors[-1][3, :40] = float("inf")
+    inputs = make_inputs("linear", tensors, None, {"normalize": normalize}, {"weight": weights}, None)
+    spec = get("linear")
+    slow = spec.fn(inputs)
+    fast = torch.empty_like(slow)
+    calls = []
+    real = numba_kernels.weighted_sum
+    monkeypatch.setattr(numba_kernels, "weighted_sum", lambda *a: calls.append(1) or real(*a))
+    assert spec.fused(inputs, fast)
+    assert calls == [1]
+    assert torch.equal(slow.isnan(), fast.isnan())  # NaN bit patterns may differ (torch is not uniform)
+    assert torch.equal(slow.nan_to_num(), fast.nan_to_num())
+
+
+def test_linear_kernel_declines_what_it_does_not_cover(make_inputs) -> None:
+    from mergesmith.methods.registry import get
+
+    spec = get("linear")
+    small = family(5, 1, (16, 16), torch.bfloat16)
+    half = family(5, 1, (300, 257), torch.float16)
+    for tensors in (small, half):
+        inputs = make_inputs("linear", tensors, None, {}, {"weight": [1.0, 1.0]}, None)
+        out = torch.zeros_like(tensors[0])
+        assert not spec.fused(inputs, out)
+        assert not out.any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -87,4 +88,7 @@ _register()
 
 
 def main() -> None:
+    # A short-lived process: no cyclic collections while torch's modules load (hundreds of thousands of
+    # objects, each full pass walking them all); the executor turns collection back on over a frozen heap.
+    gc.disable()
     cli(prog_name="mergesmith")

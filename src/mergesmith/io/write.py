@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from mergesmith._util import ST_DTYPES
+from mergesmith._util import ST_DTYPES, human_bytes, reserve_file_space
 from mergesmith.errors import OutputError
 
 if TYPE_CHECKING:
@@ -40,6 +40,10 @@ class OutEntry:
 class Shard:
     filename: str
     entries: tuple[OutEntry, ...]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
 
     def header(self) -> bytes:
         """The padded JSON header with each tensor's byte range, in entry order."""
@@ -175,6 +179,14 @@ class ShardWriter:
                 self._shard = si
                 self._fh = open(path, "wb")
                 header = self.shards[si].header()
+                size = len(header) + self.shards[si].data_bytes
+                try:
+                    reserve_file_space(self._fh.fileno(), size)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot write {path}: {exc.strerror} (the shard needs {human_bytes(size)}); "
+                        "free some space or choose another output directory"
+                    ) from None
                 self._hash = _OverlappedHash(header)
                 self._fh.write(header)
             assert self._fh is not None

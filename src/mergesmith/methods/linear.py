@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mergesmith.methods import task_vector_fast
 from mergesmith.methods.registry import register
 from mergesmith.methods.spec import MergeInputs, Param
 
@@ -11,6 +12,17 @@ from mergesmith.methods.spec import MergeInputs, Param
 def work_dtype(t: torch.Tensor) -> torch.dtype:
     """Accumulate in float32, or float64 when the inputs already are."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _weights(inputs: MergeInputs) -> list[float]:
+    return [float(p["weight"]) for p in inputs.per_model]
+
+
+def _linear_fused(inputs: MergeInputs, out: torch.Tensor) -> bool:
+    """The same sum in one pass of a CPU kernel (bfloat16/float32), with the same rounding steps."""
+    weights = _weights(inputs)
+    total = torch.tensor(weights, dtype=torch.float32).sum()
+    return task_vector_fast.weighted_sum_into(inputs.tensors, weights, total, inputs.params["normalize"], out)
 
 
 @register(
@@ -21,12 +33,13 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
     ),
     paper="https://arxiv.org/abs/2203.05482",
     elementwise=True,
+    fused=_linear_fused,
 )
 def linear(inputs: MergeInputs) -> torch.Tensor:
     """Weighted sum of every input, divided by the weight total when normalize is set."""
     first = inputs.tensors[0]
     dtype = work_dtype(first)
-    weights = [float(p["weight"]) for p in inputs.per_model]
+    weights = _weights(inputs)
     out = first.to(dtype) * weights[0]
     for tensor, w in zip(inputs.tensors[1:], weights[1:]):
         out.add_(tensor, alpha=w)  # mixed-dtype add accumulates in `out`'s dtype without a converted copy

@@ -1,4 +1,4 @@
-"""Fused CPU kernels (numba) for the sparsifying task-vector methods: ties, dare_*, della*.
+"""Fused CPU kernels (numba): the sparsifying task-vector methods (ties, dare_*, della*), linear, slerp.
 
 The torch code in `task_arithmetic` and `primitives` is the definition; these kernels compute the same
 thing in one or two passes over memory instead of a dozen, for bfloat16 and float32 tensors. They follow
@@ -17,6 +17,7 @@ from typing import Any
 import numba
 import numpy as np
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from mergesmith.methods.hashrng import GOLDEN, MIX1, MIX2
@@ -40,6 +41,20 @@ def bits_from_f32(typingctx: Any, x: Any) -> Any:
         return builder.bitcast(args[0], context.get_value_type(types.uint32))
 
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def fma32(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a * b + c rounded once (LLVM's fma), as torch's vectorized `add(x, y, alpha=w)` computes it."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        from llvmlite import ir
+
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
 
 
 def load(a: Any, j: int) -> Any:
@@ -578,3 +593,33 @@ def lerp_into(x: Any, y: Any, ca: Any, cb: Any, out: Any, block: int) -> None:
             p = f32(ca * load(a, j))
             q = f32(cb * load(b, j))
             store(o, j, rnd(o, p + q))
+
+
+@pjit
+def weighted_sum(xs: Any, w: Any, divisor: Any, normalize: bool, out: Any, block: int) -> None:
+    """out = (x0 * w0 + x1 * w1 + ...) / divisor in float32, rounded to out's dtype: linear's sum as
+    torch computes it (first product rounded, each further term added with one fused multiply-add)."""
+    n = out.size
+    nb = (n + block - 1) // block
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        acc = np.empty(TILE, np.float32)
+        for t in range(lo, hi, TILE):
+            m = min(TILE, hi - t)
+            x = xs[0][t : t + m]
+            w0 = w[0]
+            for j in range(m):
+                acc[j] = f32(load(x, j) * w0)
+            for i in range(1, len(xs)):
+                x = xs[i][t : t + m]
+                wi = w[i]
+                for j in range(m):
+                    acc[j] = fma32(load(x, j), wi, acc[j])
+            o = out[t : t + m]
+            if normalize:
+                for j in range(m):
+                    store(o, j, rnd(o, acc[j] / divisor))
+            else:
+                for j in range(m):
+                    store(o, j, rnd(o, acc[j]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from mergesmith.errors import MethodError
-from mergesmith.methods.spec import MergeFn, MethodSpec, Param
+from mergesmith.methods.spec import FusedFn, MergeFn, MethodSpec, Param
 
 _METHODS: dict[str, MethodSpec] = {}
 _BUILTIN_MODULES = (
@@ -60,6 +60,7 @@ def register(
     elementwise: bool = False,
     paper: str = "",
     summary: str = "",
+    fused: FusedFn | None = None,
 ):
     """Decorator: register `fn(inputs: MergeInputs) -> Tensor` as merge method `name`."""
 
@@ -78,6 +79,7 @@ def register(
                 elementwise=elementwise,
                 paper=paper,
                 summary=summary or (fn.__doc__ or "").strip().split("\n")[0],
+                fused=fused,
             )
         )
         return fn

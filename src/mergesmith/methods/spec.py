@@ -104,6 +104,9 @@ class MergeInputs:
 
 
 MergeFn = Callable[[MergeInputs], "torch.Tensor"]
+# An optional whole-tensor CPU kernel for an elementwise method: writes fn's result into `out` (same dtype
+# as the inputs) and returns True, or returns False without touching anything when it does not apply.
+FusedFn = Callable[[MergeInputs, "torch.Tensor"], bool]
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class MethodSpec:
     validate: Callable[[Mapping[str, Any], list[Mapping[str, Any]]], list[str]] | None = field(
         default=None, compare=False
     )
+    fused: FusedFn | None = field(default=None, compare=False)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -103,6 +103,40 @@ def lerp_into(
     return True
 
 
+def weighted_sum_into(
+    tensors: tuple[torch.Tensor, ...],
+    weights: list[float],
+    total: torch.Tensor,
+    normalize: bool,
+    out: torch.Tensor,
+) -> bool:
+    """out = sum(w_i * x_i) (divided by `total` when normalize is set) with one fused CPU kernel, rounding
+    as `linear` does in torch. Returns False, touching nothing, where the kernel does not apply."""
+    if not (
+        enabled()
+        and out.device.type == "cpu"
+        and out.dtype in (torch.bfloat16, torch.float32)
+        and out.numel() >= MIN_ELEMENTS
+        and out.is_contiguous()
+        and all(t.dtype == out.dtype and t.shape == out.shape and t.is_contiguous() for t in tensors)
+    ):
+        return False
+    import numpy as np
+
+    from mergesmith.methods import numba_kernels as K
+
+    block = _block(out.numel(), _kernel_threads())
+    w = np.asarray(weights, dtype=np.float32)
+    try:
+        K.weighted_sum(tuple(_np(t) for t in tensors), w, np.float32(total), bool(normalize), _np(out), block)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("numba"):
+            raise
+        _give_up(exc)
+        return False
+    return True
+
+
 def _norms(sums: Any, mode: str) -> tuple[float, float]:
     """(before, after) norms of one pruned task vector from the kernels' per-block sums."""
     if mode == "l1":
