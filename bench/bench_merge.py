@@ -6,7 +6,8 @@ Usage:
 The models (a base and two fine-tunes = base + noise, bf16, sharded safetensors) are generated once into
 --workdir without instantiating a transformers model. For each case the I/O floor is the time to read every
 input byte from the warm page cache plus the time to write the output's bytes; mergesmith's wall time is
-reported as a ratio to it, with GB/s and peak RSS. With --mergekit-venv (or MERGEKIT_VENV) the same configs
+reported as a ratio to it, with GB/s and peak RSS. `start s` is the same command with --dry-run (imports and
+planning, a fixed cost whatever the model size) and `x excl` the ratio to the floor without it. With --mergekit-venv (or MERGEKIT_VENV) the same configs
 run through that mergekit install too.
 """
 
@@ -168,7 +169,8 @@ def main() -> None:
     build_model(w / "ft2", args.layers, 2, w / "base")
     print(f"models ready in {w} ({time.perf_counter() - t0:.0f}s)")
     print(
-        f"{'case':<12} {'in GB':>6} {'out GB':>6} {'floor s':>8} {'wall s':>7} {'x floor':>7} {'GB/s':>6} {'RSS GB':>6}"
+        f"{'case':<12} {'in GB':>6} {'out GB':>6} {'floor s':>8} {'wall s':>7} {'x floor':>7} {'start s':>7} "
+        f"{'x excl':>7} {'GB/s':>6} {'RSS GB':>6}"
         + ("  mergekit s  RSS GB  speedup  RSS ratio" if args.mergekit_venv else "")
     )
     for name, text in cases(w, args.layers).items():
@@ -181,6 +183,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         rfloor, nin = read_floor(files)
         cmd = [sys.executable, "-m", "mergesmith", "yaml", str(cfg), str(out), "-q", "--random-seed", "1"]
+        startup, _, _ = run([*cmd, "--dry-run"])  # imports + planning: a fixed cost, whatever the model size
         wall, rss, status = run(cmd + args.extra_args.split())
         if status != 0:
             print(f"{name:<12} FAILED")
@@ -189,7 +192,7 @@ def main() -> None:
         floor = rfloor + write_floor(nout, w)
         line = (
             f"{name:<12} {nin / 1e9:>6.2f} {nout / 1e9:>6.2f} {floor:>8.2f} {wall:>7.2f} {wall / floor:>7.2f} "
-            f"{(nin + nout) / 1e9 / wall:>6.2f} {rss:>6.2f}"
+            f"{startup:>7.2f} {(wall - startup) / floor:>7.2f} {(nin + nout) / 1e9 / wall:>6.2f} {rss:>6.2f}"
         )
         shutil.rmtree(out, ignore_errors=True)
         if args.mergekit_venv:
