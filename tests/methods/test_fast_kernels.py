@@ -81,6 +81,19 @@ def test_ties_threshold_with_many_exact_ties(merge, monkeypatch, dtype, density)
     assert torch.equal(slow, fast)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_della_ranks_with_exact_zeros_and_ties(merge, monkeypatch, dtype) -> None:
+    # deltas take 9 values, a ninth of them exactly zero; row 7 of one fine-tune is unchanged altogether
+    tensors = family(6, 2, (300, 257), dtype, levels=4)
+    tensors[1][7] = tensors[0][7]
+    per = {"weight": [1.0, 0.5], "density": [0.5, 0.3], "epsilon": [0.1, 0.2]}
+    slow, fast = both(merge, monkeypatch, "della", tensors, per=per, seed=3)
+    if dtype == torch.float32:  # l1 norms are summed in another order: equal up to float rounding
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-9)
+    else:
+        assert torch.equal(slow, fast)
+
+
 def test_one_dimensional_tensors(merge, monkeypatch) -> None:
     tensors = family(4, 2, (70000,), torch.bfloat16)
     for method in ("ties", "della", "dare_ties"):

@@ -277,25 +277,47 @@ def _row_ranks(keys: Any, ranks: Any, count: Any, order: Any, spare: Any) -> Non
     cover the range (float32 rows).
     """
     width = keys.size
-    kmin, kmax = keys[0], keys[0]
+    # Exact zeros (entries a fine-tune left unchanged) rank first, in index order; the counting sort
+    # then only spans the non-zero keys, a few thousand values in a bfloat16 row instead of ~16000.
+    zeros = 0
+    kmin, kmax = u32(0xFFFFFFFF), u32(0)
     for i in range(width):
-        kmin = min(kmin, keys[i])
-        kmax = max(kmax, keys[i])
+        k = keys[i]
+        if k == 0:
+            zeros += 1
+        else:
+            kmin = min(kmin, k)
+            kmax = max(kmax, k)
+    if zeros == width:
+        for i in range(width):
+            ranks[i] = i
+        return
     span = int(kmax - kmin) + 1
     if span <= count.size:
         count[:span] = 0
         for i in range(width):
-            count[keys[i] - kmin] += 1
-        total = 0
+            k = keys[i]
+            if k != 0:
+                count[k - kmin] += 1
+        total = zeros
         for v in range(span):
             c = count[v]
             count[v] = total
             total += c
+        z = 0
         for i in range(width):
-            v = keys[i] - kmin
-            ranks[i] = count[v]
-            count[v] += 1
+            k = keys[i]
+            if k == 0:
+                ranks[i] = z
+                z += 1
+            else:
+                v = k - kmin
+                ranks[i] = count[v]
+                count[v] += 1
         return
+    if zeros:
+        kmin = u32(0)
+    span = int(kmax - kmin) + 1
     bits = 0
     while (1 << bits) < span:
         bits += 1
