@@ -466,8 +466,10 @@ def combine(
 
 
 @sjit
-def random_sums(base: Any, ft: Any, seed: int, bound: int, block: int) -> Any:
-    """Per block: the norm sums of d and of d masked by stream(seed, j) < bound (see prune_random)."""
+def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, block: int) -> Any:
+    """Per block: the norm sums of d and of d masked by stream(seed, j) < bound (see prune_random).
+    The keep decisions go to `mask` (one byte per entry), so the combining pass reads them instead of
+    hashing again."""
     n = base.size
     nb = (n + block - 1) // block
     sums = np.zeros((nb, 6))
@@ -475,12 +477,14 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, block: int) -> Any:
     for c in prange(nb):
         lo = c * block
         hi = min(n, lo + block)
-        b, f = base[lo:hi], ft[lo:hi]
+        b, f, keep = base[lo:hi], ft[lo:hi], mask[lo:hi]
         s0 = s1 = s2 = s3 = 0.0
         m4 = m5 = u32(0)
         for j in range(hi - lo):
             d = delta(b, f, j)
-            v = d if stream(seed, lo + j) < ubound else f32(0.0)
+            kept = stream(seed, lo + j) < ubound
+            keep[j] = np.uint8(kept)
+            v = d if kept else f32(0.0)
             a, w = np.float64(abs(d)), np.float64(abs(v))
             s0 += a
             s1 += w
@@ -493,7 +497,7 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, block: int) -> Any:
     return sums
 
 
-KEEP_ALL, KEEP_MAGNITUDE, KEEP_RANDOM = 0, 1, 2
+KEEP_ALL, KEEP_MAGNITUDE, KEEP_RANDOM, KEEP_MASKED = 0, 1, 2, 3
 
 
 @pjit
@@ -505,6 +509,7 @@ def combine_fused(
     cut: Any,
     seeds: Any,
     bounds: Any,
+    masks: Any,
     factors: Any,
     weights: Any,
     consensus: bool,
@@ -518,8 +523,9 @@ def combine_fused(
     """`combine` with each task vector made on the fly from fts[i] - base, never stored.
 
     kinds[i]: KEEP_ALL; KEEP_MAGNITUDE (key > thr[i], or == thr[i] before index cut[i]); KEEP_RANDOM
-    (stream(seeds[i], j) < bounds[i]). Kept entries are multiplied by factors[i] in float32 and
-    rounded (DARE's norm rescale, as the torch code does it); dropped ones are 0.
+    (stream(seeds[i], j) < bounds[i]); KEEP_MASKED (the same decisions, as recorded by `random_sums`
+    in masks[i]). Kept entries are multiplied by factors[i] in float32 and rounded (DARE's norm
+    rescale, as the torch code does it); dropped ones are 0.
     """
     n = base.size
     models = len(fts)
@@ -549,6 +555,12 @@ def combine_fused(
                     for j in range(m):
                         d = delta(b, f, j)
                         v = d if stream(seed, t0 + j) < ubound else f32(0.0)
+                        row[j] = rnd(b, rnd(b, v * fac) * w)
+                elif kind == KEEP_MASKED:
+                    keep = masks[i][t0:t1]
+                    for j in range(m):
+                        d = delta(b, f, j)
+                        v = d if keep[j] else f32(0.0)
                         row[j] = rnd(b, rnd(b, v * fac) * w)
                 else:
                     for j in range(m):

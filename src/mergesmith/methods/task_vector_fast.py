@@ -213,6 +213,7 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
     count = len(fts)
     kinds, thr, cut, bounds = (np.zeros(count, np.int64) for _ in range(4))
     seeds = np.zeros(count, np.uint64)
+    masks = np.empty((count, n if kind == "random" and mode is not None else 1), np.uint8)
     factors = np.ones(count, np.float32)
     for i, (f, mp) in enumerate(zip(fts, per)):
         density = float(mp["density"])
@@ -224,10 +225,11 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
         seed = hashrng.stream_seed(gen)
         if density < 1:
             kinds[i], seeds[i], bounds[i] = K.KEEP_RANDOM, seed, hashrng.keep_threshold(density)
-            if mode is not None:
-                factors[i] = _factor(K.random_sums(b, f, seed, int(bounds[i]), block), mode)
+            if mode is not None:  # the norm pass records the keep decisions; the combine reads them back
+                sums = K.random_sums(b, f, seed, int(bounds[i]), masks[i], block)
+                kinds[i], factors[i] = K.KEEP_MASKED, _factor(sums, mode)
     K.combine_fused(
-        b, tuple(fts), kinds, thr, cut, seeds, bounds, factors, *ctx["combine_args"], ctx["out"], block
+        b, tuple(fts), kinds, thr, cut, seeds, bounds, masks, factors, *ctx["combine_args"], ctx["out"], block
     )
 
 
