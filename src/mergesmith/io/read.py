@@ -67,10 +67,11 @@ def _unsafe_pickle_message(path: Path, reason: str) -> str:
 
 
 class ModelReader:
-    """Reads tensors of one model on demand. Each safetensors tensor is a private (copy-on-write) memory
-    map of exactly its own bytes, prefaulted from the page cache: no copy, no zero-filled buffer, and the
-    mapping is released with the tensor, so memory stays bounded by the tensors alive. Writing into a
-    returned tensor is safe (it copies the touched pages) and never reaches the file. Thread-safe."""
+    """Reads tensors of one model on demand. Each safetensors tensor of 1 MB or more is a private
+    (copy-on-write) memory map of exactly its own bytes, prefaulted from the page cache: no copy, no
+    zero-filled buffer, and the mapping is released with the tensor, so memory stays bounded by the
+    tensors alive. Writing into a returned tensor is safe (it copies the touched pages) and never
+    reaches the file. Smaller tensors are copied by a positional read. Thread-safe."""
 
     def __init__(self, index: ShardIndex) -> None:
         self.index = index
@@ -129,8 +130,11 @@ class ModelReader:
         nbytes = dtype.itemsize
         for s in shape:
             nbytes *= s
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
+        if nbytes < MAP_MIN_BYTES:  # a map costs five system calls and a file descriptor: copy small ones
+            out = torch.empty(shape, dtype=dtype)
+            if nbytes:
+                _read_exact(self._fd(path), memoryview(out.view(-1).view(torch.uint8).numpy()), offset, path)
+            return out
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         lead = offset - start
         try:
@@ -149,6 +153,7 @@ class ModelReader:
             self._fds.clear()
 
 
+MAP_MIN_BYTES = 1 << 20  # smaller tensors are copied into fresh memory with a positional read
 _MADV_POPULATE_READ = 22  # Linux 5.14+: map the file's cached pages now, read-only, without copying them
 
 
@@ -158,6 +163,8 @@ def _prefault(mapped: mmap.mmap, path: Path) -> None:
     with a clear error instead of a SIGBUS later."""
     import errno
 
+    if not hasattr(mapped, "madvise"):  # not on every platform
+        return
     try:
         mapped.madvise(_MADV_POPULATE_READ)
     except OSError as exc:
@@ -165,6 +172,16 @@ def _prefault(mapped: mmap.mmap, path: Path) -> None:
             raise ModelError(
                 f"cannot read {path}: {exc.strerror}; the file is truncated, unreadable or was changed"
             ) from None
+
+
+def _read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    """Fill buf from fd at offset, looping over short reads."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise ModelError(f"cannot read {path}: the file is truncated or was changed during the merge")
+        done += n
 
 
 def open_model(path: Path, lora: Path | None = None) -> ModelReader | LoraReader:
