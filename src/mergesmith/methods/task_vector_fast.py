@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,6 +71,33 @@ def _block(n: int, threads: int) -> int:
     return max(1 << 15, -(-n // (8 * threads)))
 
 
+def _elementwise(
+    out: torch.Tensor, inputs: tuple[torch.Tensor, ...], launch: Callable[[Any, int], None]
+) -> bool:
+    """Run `launch(kernels_module, block)` when `out` and every input are contiguous CPU bfloat16 or
+    float32 tensors of one shape and dtype, large enough to pay; False (nothing touched) otherwise."""
+    if not (
+        enabled()
+        and out.dtype in (torch.bfloat16, torch.float32)
+        and out.numel() >= MIN_ELEMENTS
+        and all(
+            t.device.type == "cpu" and t.dtype == out.dtype and t.shape == out.shape and t.is_contiguous()
+            for t in (out, *inputs)
+        )
+    ):
+        return False
+    from mergesmith.methods import numba_kernels as K
+
+    try:
+        launch(K, _block(out.numel(), _kernel_threads()))
+    except Exception as exc:
+        if not type(exc).__module__.startswith("numba"):
+            raise
+        _give_up(exc)
+        return False
+    return True
+
+
 def lerp_into(
     x: torch.Tensor, y: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor
 ) -> bool:
@@ -77,30 +105,13 @@ def lerp_into(
 
     Returns False, touching nothing, where the kernel does not apply (the caller then uses torch).
     """
-    if not (
-        enabled()
-        and x.device.type == "cpu"
-        and x.dtype in (torch.bfloat16, torch.float32)
-        and y.dtype == x.dtype == out.dtype
-        and x.numel() >= MIN_ELEMENTS
-        and x.is_contiguous()
-        and y.is_contiguous()
-        and out.is_contiguous()
-    ):
-        return False
     import numpy as np
 
-    from mergesmith.methods import numba_kernels as K
-
-    block = _block(x.numel(), _kernel_threads())
-    try:
-        K.lerp_into(_np(x), _np(y), np.float32(ca), np.float32(cb), _np(out), block)
-    except Exception as exc:
-        if not type(exc).__module__.startswith("numba"):
-            raise
-        _give_up(exc)
-        return False
-    return True
+    return _elementwise(
+        out,
+        (x, y),
+        lambda K, block: K.lerp_into(_np(x), _np(y), np.float32(ca), np.float32(cb), _np(out), block),
+    )
 
 
 def weighted_sum_into(
@@ -112,29 +123,13 @@ def weighted_sum_into(
 ) -> bool:
     """out = sum(w_i * x_i) (divided by `total` when normalize is set) with one fused CPU kernel, rounding
     as `linear` does in torch. Returns False, touching nothing, where the kernel does not apply."""
-    if not (
-        enabled()
-        and out.device.type == "cpu"
-        and out.dtype in (torch.bfloat16, torch.float32)
-        and out.numel() >= MIN_ELEMENTS
-        and out.is_contiguous()
-        and all(t.dtype == out.dtype and t.shape == out.shape and t.is_contiguous() for t in tensors)
-    ):
-        return False
     import numpy as np
 
-    from mergesmith.methods import numba_kernels as K
-
-    block = _block(out.numel(), _kernel_threads())
-    w = np.asarray(weights, dtype=np.float32)
-    try:
+    def launch(K: Any, block: int) -> None:
+        w = np.asarray(weights, dtype=np.float32)
         K.weighted_sum(tuple(_np(t) for t in tensors), w, np.float32(total), bool(normalize), _np(out), block)
-    except Exception as exc:
-        if not type(exc).__module__.startswith("numba"):
-            raise
-        _give_up(exc)
-        return False
-    return True
+
+    return _elementwise(out, tensors, launch)
 
 
 def _norms(sums: Any, mode: str) -> tuple[float, float]:
