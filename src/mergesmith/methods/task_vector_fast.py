@@ -2,7 +2,9 @@
 
 `fast_combine` returns None whenever it does not apply (no numba, not on the CPU, a dtype other than
 bfloat16 / float32, breadcrumbs, tensors of more than two dimensions for della, small tensors where
-compiling would cost more than it saves); the caller then runs the torch definition.
+compiling would cost more than it saves); the caller then runs the torch definition. `lerp_into`
+(slerp's output pass) and `weighted_sum_into` (linear) do the same for the elementwise kernels,
+returning False instead.
 """
 
 from __future__ import annotations
