@@ -116,20 +116,21 @@ def _merge(
     # The expected shape of this piece: the whole tensor, or rows [start, stop) of it.
     shape = tp.shape if rows is None or not tp.shape else (rows[1] - rows[0], *tp.shape[1:])
     numel = tensors[0].numel()
-    big = len(tensors) > 1 and tensors[0].dim() > 0 and numel > CHUNK_ELEMENTS
     with torch.no_grad():
         result = None
         # A method's fused CPU kernel takes the whole piece in one pass, when the inputs need no cast.
         if spec.fused is not None and device == "cpu" and all(t.dtype == compute for t in tensors):
             out = torch.empty(shape, dtype=compute)
-            result = out if spec.fused(inputs_of(tensors), out) else None
-        if result is None and spec.elementwise and big:
-            result = torch.empty(shape, dtype=out_dtype, device=device)
-            step = max(1, CHUNK_ELEMENTS // max(1, numel // shape[0]))
-            for start in range(0, shape[0], step):
-                result[start : start + step] = run([t[start : start + step] for t in tensors])
-        elif result is None:
-            result = run(tensors)
+            if spec.fused(inputs_of(tensors), out):
+                result = out
+        if result is None:
+            if spec.elementwise and len(tensors) > 1 and tensors[0].dim() > 0 and numel > CHUNK_ELEMENTS:
+                result = torch.empty(shape, dtype=out_dtype, device=device)
+                step = max(1, CHUNK_ELEMENTS // max(1, numel // shape[0]))
+                for start in range(0, shape[0], step):
+                    result[start : start + step] = run([t[start : start + step] for t in tensors])
+            else:
+                result = run(tensors)
     if tuple(result.shape) != shape:
         raise MergesmithError(
             f"method {tp.method!r} returned shape {tuple(result.shape)} for {tp.name!r}, expected {shape}"

@@ -43,6 +43,7 @@ class Shard:
 
     @property
     def data_bytes(self) -> int:
+        """Bytes of tensor data (the file is the header plus these)."""
         return sum(e.nbytes for e in self.entries)
 
     def header(self) -> bytes:
@@ -226,7 +227,7 @@ class ShardWriter:
             missing = self._order[self._next][1].name
             raise OutputError(f"merge ended before tensor {missing!r} was written")
         weight_map = {e.name: s.filename for s in self.shards for e in s.entries}
-        total = sum(e.nbytes for s in self.shards for e in s.entries)
+        total = sum(s.data_bytes for s in self.shards)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
