@@ -14,3 +14,25 @@ def test_malloc_tuning_applies_on_linux_glibc():
     code = "from mergesmith._util import keep_freed_memory_in_heap as k; print(k())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_dtype_itemsize_needs_no_torch_and_agrees_with_it():
+    import torch
+
+    from mergesmith._util import ST_DTYPES, dtype_itemsize
+
+    for name, _ in ST_DTYPES.values():
+        assert dtype_itemsize(name) == getattr(torch, name).itemsize
+    assert dtype_itemsize("bf16") == 2 and dtype_itemsize("uint16") == 2  # an alias; a name not in the table
+
+
+def test_lazy_module_imports_on_first_use():
+    import sys
+
+    from mergesmith._util import lazy_module
+
+    assert "colorsys" not in sys.modules or sys.modules.pop("colorsys")
+    stand_in = lazy_module("colorsys")
+    assert "colorsys" not in sys.modules
+    assert stand_in.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
+    assert "colorsys" in sys.modules and "rgb_to_hsv" in vars(stand_in)  # kept for the next use

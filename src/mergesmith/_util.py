@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import re
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+class _LazyModule(types.ModuleType):
+    """Stands for a module until an attribute is first used; then imports it and keeps each attribute
+    it hands out, so later uses are plain lookups."""
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(importlib.import_module(self.__name__), attr)
+        setattr(self, attr, value)
+        return value
+
+
+def lazy_module(name: str) -> Any:
+    """A stand-in for module `name` that imports it on first use: merge methods name torch at module level
+    yet registering them (planning, --dry-run, byte-copy merges) never pays torch's second of imports."""
+    return _LazyModule(name)
+
 
 # Config dtype names (mergekit spellings included) -> torch attribute names.
 DTYPE_NAMES: dict[str, str] = {
@@ -78,6 +97,16 @@ def canonical_dtype(name: str) -> str:
         allowed = ", ".join(sorted(set(DTYPE_NAMES.values())))
         raise ValueError(f"unknown dtype {name!r}; allowed: {allowed} (also fp16, bf16, fp32)")
     return DTYPE_NAMES[key]
+
+
+_ITEMSIZE = {torch_name: size for torch_name, size in ST_DTYPES.values()}
+
+
+def dtype_itemsize(name: str) -> int:
+    """Bytes per element of a dtype name, from the table for the usual ones (no torch import)."""
+    key = canonical_dtype(name) if name in DTYPE_NAMES else name
+    size = _ITEMSIZE.get(key)
+    return size if size is not None else torch_dtype(key).itemsize
 
 
 def torch_dtype(name: str) -> torch.dtype:

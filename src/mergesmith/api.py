@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,8 @@ def as_config(config: MergeConfig | str | Path | dict) -> MergeConfig:
 
 def check_device(device: str) -> None:
     """Raise MergesmithError unless torch can compute on `device` here (before any output is made)."""
+    if device == "cpu":  # always there; and a merge that only copies bytes never imports torch
+        return
     import torch
 
     try:
@@ -98,6 +99,7 @@ def exec_options(plan: MergePlan, options: MergeOptions) -> ExecOptions:
     return ExecOptions(
         device=options.resolved_device(),
         read_ahead=options.read_ahead,
+        num_threads=options.num_threads,
         quiet=options.quiet,
         random_seed=options.random_seed,
         unit_bytes=unit,
@@ -106,9 +108,9 @@ def exec_options(plan: MergePlan, options: MergeOptions) -> ExecOptions:
 
 
 def _itemsize(dtype: str) -> int:
-    from mergesmith._util import torch_dtype
+    from mergesmith._util import dtype_itemsize
 
-    return torch_dtype(dtype).itemsize
+    return dtype_itemsize(dtype)
 
 
 def _write_side_files(plan: MergePlan, dest: Path, copy_tokenizer: bool) -> list[str]:
@@ -179,20 +181,7 @@ def run_merge(
                     f"output path {out} holds input model {m.ref}; writing there would delete it: "
                     "choose another output directory"
                 )
-    import torch
-
-    from mergesmith.methods import registry
-
-    threads_before = torch.get_num_threads()
-    # Elementwise merges are memory-bound: on the CPU they leave a core to the reader and writer threads.
-    # Whole-tensor methods (selection, random masks, ranking) are compute-bound and get every core.
-    light = registry.get(plan.method).elementwise and options.resolved_device() == "cpu"
-    default = max(1, (os.cpu_count() or 2) - 1) if light else threads_before
-    torch.set_num_threads(options.num_threads or default)
-    try:
-        return _run_planned(cfg, plan, out, options)
-    finally:
-        torch.set_num_threads(threads_before)
+    return _run_planned(cfg, plan, out, options)
 
 
 def _run_planned(cfg: MergeConfig, plan: MergePlan, out: Path, options: MergeOptions) -> MergeResult:

@@ -37,6 +37,31 @@ def test_reads_whole_tensors_and_row_ranges(stored) -> None:
     reader.close()
 
 
+def test_raw_reads_are_the_stored_bytes(stored) -> None:
+    root, tensors = stored
+    reader = ModelReader(index_model_dir(root))
+
+    def as_bytes(t: torch.Tensor) -> bytes:
+        return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+    for name, t in tensors.items():
+        raw = reader.read_raw(name)
+        assert (raw.dtype, raw.shape) == (str(t.dtype).removeprefix("torch."), tuple(t.shape))
+        assert raw.data.tobytes() == as_bytes(t)
+    part = reader.read_raw("a", 990, 2000)
+    assert part.shape == (10, 400) and part.data.tobytes() == as_bytes(tensors["a"][990:])
+    reader.close()
+    assert bytes(part.data[:4]) == as_bytes(tensors["a"][990, :1])  # a map outlives the reader's files
+
+
+def test_raw_reads_refuse_pickles(tmp_path) -> None:
+    torch.save({"w": torch.ones(3)}, tmp_path / "pytorch_model.bin")
+    reader = ModelReader(index_model_dir(tmp_path))
+    with pytest.raises(ModelError, match="not a safetensors model"):
+        reader.read_raw("w")
+    reader.close()
+
+
 def test_writing_into_a_tensor_never_reaches_the_file(stored) -> None:
     root, tensors = stored
     before = (root / "model.safetensors").read_bytes()

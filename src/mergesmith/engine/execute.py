@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import queue
 import random
 import threading
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergesmith.engine.progress import Progress
 from mergesmith.errors import MergesmithError, PlanError
-from mergesmith.io.read import ModelReader, open_model
+from mergesmith.io.read import ModelReader, RawTensor, open_model
 from mergesmith.io.write import ShardWriter
 from mergesmith.methods import registry
 from mergesmith.methods.spec import MergeInputs
@@ -36,6 +37,7 @@ class ExecOptions:
     fallback_seed: int | None = None  # seed for random methods when random_seed is None (kept on resume)
     unit_bytes: int = 64 * 10**6  # input bytes per row range of a split elementwise tensor
     inflight_bytes: int = 4 * 10**8  # inputs + outputs held between loader and writer
+    num_threads: int | None = None  # torch's compute threads (None: chosen from the method and device)
 
 
 class _Failure:
@@ -56,17 +58,39 @@ CHUNK_ELEMENTS = 1 << 18
 _HOLDS = {"bfloat16": ("float32", "float64"), "float16": ("float32", "float64"), "float32": ("float64",)}
 
 
-def _unchanged(tp: TensorPlan, tensors: list[torch.Tensor]) -> bool:
-    """A passthrough with no scale of a tensor already in the output dtype: the result is the input bit
-    for bit, so both casts are skipped (frankenmerges then cost only the read and the write)."""
-    if tp.method != "passthrough" or tp.vocab is not None or len(tensors) != 1:
+def _unchanged(tp: TensorPlan, stored: list[str]) -> bool:
+    """A passthrough with no scale of a tensor already in the output dtype (`stored`: the source dtypes):
+    the result is the input bit for bit, so both casts are skipped (frankenmerges then cost only the read
+    and the write)."""
+    if tp.method != "passthrough" or tp.vocab is not None or len(stored) != 1:
         return False
     if dict(tp.per_model[0]).get("scale") is not None:
         return False
-    stored = str(tensors[0].dtype).removeprefix("torch.")
-    return stored == tp.out_dtype and (
-        tp.compute_dtype == stored or tp.compute_dtype in _HOLDS.get(stored, ())
+    return stored[0] == tp.out_dtype and (
+        tp.compute_dtype == stored[0] or tp.compute_dtype in _HOLDS.get(stored[0], ())
     )
+
+
+def _raw(tp: TensorPlan, readers: list[Any]) -> bool:
+    """The output tensor is its source's stored bytes (an unchanged passthrough, or a copy of a non-float
+    tensor) read from safetensors files: it is moved as bytes, with no torch at all."""
+    if tp.vocab is not None or tp.method not in ("copy", "passthrough"):
+        return False
+    if not all(type(readers[s.model]) is ModelReader and s.rows is None for s in tp.sources):
+        return False
+    if not all(readers[s.model].index.format == "safetensors" for s in tp.sources):
+        return False
+    stored = [readers[s.model].index.tensors[s.name].dtype for s in tp.sources]
+    return tp.method == "copy" or _unchanged(tp, stored)
+
+
+def _pass_raw(tp: TensorPlan, parts: list[RawTensor]) -> RawTensor:
+    """A raw unit's output: its one source, or for a copy the first of several sources that must agree."""
+    first = parts[0]
+    for other in parts[1:]:
+        if other.dtype != first.dtype or other.shape != first.shape or other.data != first.data:
+            raise PlanError(f"non-float tensor {tp.name!r} differs between the input models; cannot merge it")
+    return first
 
 
 def _merge(
@@ -86,7 +110,7 @@ def _merge(
                     f"non-float tensor {tp.name!r} differs between the input models; cannot merge it"
                 )
         return first
-    if _unchanged(tp, tensors):
+    if _unchanged(tp, [str(t.dtype).removeprefix("torch.") for t in tensors]):
         return tensors[0]
     if tp.vocab is not None:
         tensors = tp.vocab.align(tensors)
@@ -146,6 +170,7 @@ class Unit:
     start: int
     stop: int
     whole: bool
+    raw: bool = False  # moved as stored bytes (see _raw)
 
 
 def splittable(tp: TensorPlan) -> bool:
@@ -162,13 +187,14 @@ def plan_units(plan: MergePlan, unit_bytes: int, skip: set[str], readers: list[A
         if tp.name in skip:
             continue
         rows = tp.shape[0] if tp.shape else 0
+        raw = _raw(tp, readers)
         in_bytes = sum(_nbytes(tp, s, readers) for s in tp.sources)
         ranged = all(hasattr(readers[s.model], "read_range") for s in tp.sources)
         if not (splittable(tp) and ranged and rows > 1 and in_bytes > unit_bytes):
-            units.append(Unit(tp, 0, rows, True))
+            units.append(Unit(tp, 0, rows, True, raw))
             continue
         step = max(1, int(rows * unit_bytes / in_bytes))
-        units += [Unit(tp, r, min(rows, r + step), False) for r in range(0, rows, step)]
+        units += [Unit(tp, r, min(rows, r + step), False, raw) for r in range(0, rows, step)]
     return units
 
 
@@ -186,7 +212,10 @@ def _unit_bytes(u: Unit, readers: list[Any]) -> int:
     return int(frac * (sum(_nbytes(u.tp, s, readers) for s in u.tp.sources) + u.tp.out_nbytes))
 
 
-def _read_unit(u: Unit, readers: list[Any]) -> list[torch.Tensor]:
+def _read_unit(u: Unit, readers: list[Any]) -> list[torch.Tensor] | list[RawTensor]:
+    if u.raw:
+        start, stop = (None, None) if u.whole else (u.start, u.stop)
+        return [readers[s.model].read_raw(s.name, start, stop) for s in u.tp.sources]
     if u.whole:
         return _load_inputs(u.tp, readers)
     return [readers[s.model].read_range(s.name, u.start, u.stop) for s in u.tp.sources]
@@ -245,6 +274,8 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
         log.warning("random merge method without --random-seed: this run used seed %d", fallback_seed)
     budget = Budget(opts.inflight_bytes)
     units = plan_units(plan, opts.unit_bytes, writer.done_names, readers)
+    # A merge that only moves stored bytes (a frankenmerge) never imports torch.
+    threads_before = None if all(u.raw for u in units) else _set_compute_threads(plan, opts)
     loaded: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.read_ahead))
     merged: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
@@ -313,10 +344,13 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
             if write_error:
                 raise write_error[0]
             u, cost, tensors = item
-            result = _merge(u.tp, tensors, fallback_seed, opts.device, rows=(u.start, u.stop))
+            if u.raw:
+                result = _pass_raw(u.tp, tensors)
+            else:
+                result = _merge(u.tp, tensors, fallback_seed, opts.device, rows=(u.start, u.stop))
+                if result.device.type != "cpu":
+                    result = result.to("cpu")
             del tensors
-            if result.device.type != "cpu":
-                result = result.to("cpu")
             merged.put((u, cost, result))
             del result
         merged.put(_DONE)
@@ -331,4 +365,21 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
         threads[0].join()  # the loader sees stop after its current read; only then close its files
         for r in readers:
             r.close()
+        if threads_before is not None:
+            import torch
+
+            torch.set_num_threads(threads_before)
     return progress.elapsed
+
+
+def _set_compute_threads(plan: MergePlan, opts: ExecOptions) -> int:
+    """Give torch this merge's thread count; return the count it had. Elementwise merges are memory-bound:
+    on the CPU they leave a core to the reader and writer threads. Whole-tensor methods (selection, random
+    masks, ranking) are compute-bound and get every core."""
+    import torch
+
+    before = torch.get_num_threads()
+    light = registry.get(plan.method).elementwise and opts.device == "cpu"
+    default = max(1, (os.cpu_count() or 2) - 1) if light else before
+    torch.set_num_threads(opts.num_threads or default)
+    return before

@@ -35,9 +35,9 @@ class TensorInfo:
     def nbytes(self) -> int:
         if self.start >= 0:
             return self.end - self.start
-        from mergesmith._util import torch_dtype
+        from mergesmith._util import dtype_itemsize
 
-        return self.numel * torch_dtype(self.dtype).itemsize
+        return self.numel * dtype_itemsize(self.dtype)
 
 
 @dataclass(frozen=True)

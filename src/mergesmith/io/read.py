@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from mergesmith._util import dtype_itemsize
 from mergesmith.errors import ModelError
 
 if TYPE_CHECKING:
@@ -14,8 +16,18 @@ if TYPE_CHECKING:
 
     import torch
 
-    from mergesmith.io.index import ShardIndex
+    from mergesmith.io.index import ShardIndex, TensorInfo
     from mergesmith.io.lora import LoraReader
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor's stored bytes with its dtype name and shape: what a byte-for-byte copy carries from a
+    safetensors file to a shard, with no torch involved."""
+
+    dtype: str  # torch attribute name
+    shape: tuple[int, ...]
+    data: memoryview  # unsigned bytes, C order
 
 
 class TensorReader(Protocol):
@@ -90,13 +102,17 @@ class ModelReader:
                 self._fds[path] = fd
             return fd
 
+    def _info(self, name: str) -> TensorInfo:
+        info = self.index.tensors.get(name)
+        if info is None:
+            raise ModelError(f"tensor {name!r} is not in the model at {self.index.root}")
+        return info
+
     def read(self, name: str, rows: int | None = None) -> torch.Tensor:
         """The stored tensor `name` as a new CPU tensor; with `rows`, only its first rows are read."""
         import torch
 
-        info = self.index.tensors.get(name)
-        if info is None:
-            raise ModelError(f"tensor {name!r} is not in the model at {self.index.root}")
+        info = self._info(name)
         if self.index.format == "pickle":
             with self._lock:
                 state = self._pickles.get(info.file)
@@ -111,20 +127,30 @@ class ModelReader:
         """Rows [start, stop) of tensor `name` (dim 0), reading only those bytes."""
         import torch
 
-        info = self.index.tensors.get(name)
-        if info is None:
-            raise ModelError(f"tensor {name!r} is not in the model at {self.index.root}")
+        info = self._info(name)
         if self.index.format == "pickle":
             return self.read(name)[start:stop]
-        stop = min(stop, info.shape[0])
-        row_bytes = info.nbytes // max(1, info.shape[0])
-        shape = (max(0, stop - start), *info.shape[1:])
-        return self._map(info.file, info.start + start * row_bytes, shape, getattr(torch, info.dtype))
+        offset, shape = _row_range(info, start, stop)
+        return self._map(info.file, offset, shape, getattr(torch, info.dtype))
+
+    def read_raw(self, name: str, start: int | None = None, stop: int | None = None) -> RawTensor:
+        """The stored bytes of tensor `name` (of rows [start, stop) when given), without torch; safetensors
+        models only (a pickle's bytes are not laid out as the tensor)."""
+        info = self._info(name)
+        if self.index.format != "safetensors":
+            raise ModelError(f"{self.index.root} is not a safetensors model: its raw bytes cannot be copied")
+        offset, shape = (info.start, info.shape) if start is None else _row_range(info, start, stop)
+        nbytes = dtype_itemsize(info.dtype)
+        for s in shape:
+            nbytes *= s
+        if nbytes < MAP_MIN_BYTES:
+            buf = bytearray(nbytes)
+            _read_exact(self._fd(info.file), memoryview(buf), offset, info.file)
+            return RawTensor(info.dtype, shape, memoryview(buf))
+        return RawTensor(info.dtype, shape, self._mapped(info.file, offset, nbytes))
 
     def _map(self, path: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor over the bytes at `offset` of `path`: a private mapping, prefaulted, freed with it."""
-        import mmap
-
         import torch
 
         nbytes = dtype.itemsize
@@ -135,6 +161,14 @@ class ModelReader:
             if nbytes:
                 _read_exact(self._fd(path), memoryview(out.view(-1).view(torch.uint8).numpy()), offset, path)
             return out
+        flat = torch.frombuffer(self._mapped(path, offset, nbytes), dtype=torch.uint8)
+        return flat.view(dtype).view(shape)
+
+    def _mapped(self, path: Path, offset: int, nbytes: int) -> memoryview:
+        """The `nbytes` at `offset` of `path` as a private, prefaulted mapping, unmapped once the last view
+        of it is gone."""
+        import mmap
+
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         lead = offset - start
         try:
@@ -142,8 +176,7 @@ class ModelReader:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot map {path}: {exc}; the file is truncated or was changed") from None
         _prefault(mapped, path)
-        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=lead)
-        return flat.view(dtype).view(shape)
+        return memoryview(mapped)[lead : lead + nbytes]
 
     def close(self) -> None:
         with self._lock:
@@ -172,6 +205,14 @@ def _prefault(mapped: mmap.mmap, path: Path) -> None:
             raise ModelError(
                 f"cannot read {path}: {exc.strerror}; the file is truncated, unreadable or was changed"
             ) from None
+
+
+def _row_range(info: TensorInfo, start: int, stop: int | None) -> tuple[int, tuple[int, ...]]:
+    """File offset and shape of rows [start, stop) of a stored tensor (dim 0)."""
+    rows = info.shape[0]
+    stop = rows if stop is None else min(stop, rows)
+    row_bytes = info.nbytes // max(1, rows)
+    return info.start + start * row_bytes, (max(0, stop - start), *info.shape[1:])
 
 
 def _read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mergesmith._util import ST_DTYPES, human_bytes, reserve_file_space
 from mergesmith.errors import OutputError
+from mergesmith.io.read import RawTensor
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +61,17 @@ class Shard:
         raw = json.dumps(meta, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
+
+
+def _bytes_of(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
+    """A tensor's dtype name, shape and bytes (C order, on the CPU)."""
+    import torch
+
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.numel() == 0:
+        return dtype, tuple(tensor.shape), memoryview(b"")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return dtype, tuple(tensor.shape), memoryview(flat.numpy())
 
 
 def layout_shards(entries: list[OutEntry], max_shard_bytes: int) -> list[Shard]:
@@ -145,14 +157,12 @@ class ShardWriter:
         """Names of the tensors fully written so far (including those of skipped, completed shards)."""
         return {e.name for _, e in self._order[: self._next]}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | RawTensor) -> None:
         """Append the next tensor, or the next rows of it; it must be what the layout expects next."""
         with self._lock:
             self._write(name, tensor)
 
-    def _write(self, name: str, tensor: torch.Tensor) -> None:
-        import torch
-
+    def _write(self, name: str, tensor: torch.Tensor | RawTensor) -> None:
         if self._aborted:
             raise OutputError(f"tensor {name!r} arrived after the write was aborted")
         if self._next >= len(self._order):
@@ -160,18 +170,15 @@ class ShardWriter:
         si, entry = self._order[self._next]
         if entry.name != name:
             raise OutputError(f"writer expected tensor {entry.name!r} next, got {name!r}")
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        whole = tuple(tensor.shape) == entry.shape
-        rows_ok = (
-            len(entry.shape) > 0
-            and tuple(tensor.shape[1:]) == entry.shape[1:]
-            and tensor.dim() == len(entry.shape)
+        dtype, shape, data = (
+            (tensor.dtype, tensor.shape, tensor.data) if isinstance(tensor, RawTensor) else _bytes_of(tensor)
         )
-        nbytes = tensor.numel() * tensor.element_size()
+        whole = shape == entry.shape
+        rows_ok = len(entry.shape) > 0 and len(shape) == len(entry.shape) and shape[1:] == entry.shape[1:]
+        nbytes = data.nbytes
         if dtype != entry.dtype or not (whole or rows_ok) or self._entry_done + nbytes > entry.nbytes:
             raise OutputError(
-                f"tensor {name!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
-                f"planned {entry.shape} {entry.dtype}"
+                f"tensor {name!r} came out as {shape} {dtype}, planned {entry.shape} {entry.dtype}"
             )
         path = self.out_dir / self.shards[si].filename
         try:
@@ -192,9 +199,6 @@ class ShardWriter:
                 self._fh.write(header)
             assert self._fh is not None
             if nbytes:
-                data = memoryview(
-                    tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-                )
                 self._hash.update(data)
                 self._fh.write(data)
         except OSError as exc:  # disk full, quota, directory removed: an output problem, not a bug

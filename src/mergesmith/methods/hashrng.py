@@ -12,7 +12,14 @@ This module holds the definition in torch (any device); `numba_kernels` holds th
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+from mergesmith._util import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1 = 0xBF58476D1CE4E5B9

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from mergesmith._util import lazy_module
 from mergesmith.methods.registry import register
 from mergesmith.methods.spec import MergeInputs, Param
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 @register(

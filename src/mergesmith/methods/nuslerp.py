@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from mergesmith._util import lazy_module
 from mergesmith.errors import MethodError
 from mergesmith.methods.registry import register
 from mergesmith.methods.spec import MergeInputs, Param
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 NORM_FLOOR = 1e-7
 COLINEAR_EPS = 1e-8

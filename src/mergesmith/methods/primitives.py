@@ -13,11 +13,16 @@ magnitude, the ones that come first in the flattened tensor are kept. Selection 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
+from mergesmith._util import lazy_module
 from mergesmith.errors import MethodError
 from mergesmith.methods import hashrng
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 RESCALE_MODES = ("l1", "l2", "linf", "keep_prob")
 NORM_EPS = 1e-7  # below this a norm counts as zero and no rescaling happens

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+from mergesmith._util import lazy_module
 from mergesmith.methods.primitives import sign_agreement, topk_mask
 from mergesmith.methods.registry import register
 from mergesmith.methods.spec import MergeInputs, Param
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def _fraction(v: float) -> str | None:

@@ -23,16 +23,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from mergesmith._util import lazy_module
 from mergesmith.methods import primitives, task_vector_fast
 from mergesmith.methods.registry import register_spec
 from mergesmith.methods.spec import MergeInputs, MethodSpec, Param
 
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
+
 # sparsifier(delta, per-model params, global params, generator) -> sparsified delta
-Sparsifier = Callable[[torch.Tensor, dict[str, Any], dict[str, Any], "torch.Generator | None"], torch.Tensor]
+Sparsifier = Callable[
+    ["torch.Tensor", dict[str, Any], dict[str, Any], "torch.Generator | None"], "torch.Tensor"
+]
 
 
 def _density_check(v: float) -> str | None:

@@ -16,14 +16,17 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from mergesmith._util import lazy_module
 from mergesmith.methods import hashrng
 from mergesmith.methods.primitives import NORM_EPS, della_bounds_problem, generator_for
 
 if TYPE_CHECKING:
+    import torch
+
     from mergesmith.methods.spec import MergeInputs
     from mergesmith.methods.task_arithmetic import TaskVectorMethod
+else:
+    torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 _BROKEN: str | None = None  # why the kernels failed once in this process, if they did

@@ -304,13 +304,13 @@ class _ParamMissing(Exception):
 
 
 def _promote(dtypes: set[str]) -> str:
-    import torch
-
-    out = None
-    for d in sorted(dtypes):
-        dt = getattr(torch, d)
-        out = dt if out is None else torch.promote_types(out, dt)
-    return str(out).removeprefix("torch.")
+    """The floating dtype that holds every one of `dtypes` (torch's promotion: float16 with bfloat16 gives
+    float32), without importing torch."""
+    if len(dtypes) == 1:
+        return next(iter(dtypes))
+    if "float64" in dtypes:
+        return "float64"
+    return "float32"
 
 
 def _owned_names(layout: ModelLayout, module: Module) -> set[str]:

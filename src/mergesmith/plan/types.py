@@ -46,9 +46,9 @@ class TensorPlan:
 
     @property
     def out_nbytes(self) -> int:
-        from mergesmith._util import torch_dtype
+        from mergesmith._util import dtype_itemsize
 
-        n = torch_dtype(self.out_dtype).itemsize
+        n = dtype_itemsize(self.out_dtype)
         for s in self.shape:
             n *= s
         return n
