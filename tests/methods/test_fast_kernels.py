@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mergesmith.methods import hashrng, task_vector_fast
+from mergesmith.methods.spec import ArrayInputs
 
 pytest.importorskip("numba")
 
@@ -193,20 +194,20 @@ def test_linear_kernel_matches_the_torch_path(make_inputs, monkeypatch, dtype, n
     calls = []
     real = numba_kernels.weighted_sum
     monkeypatch.setattr(numba_kernels, "weighted_sum", lambda *a: calls.append(1) or real(*a))
-    assert spec.fused(inputs, fast)
+    arrays, out = task_vector_fast.tensor_arrays(list(inputs.tensors), fast)
+    dtype = str(dtype).removeprefix("torch.")
+    assert spec.fused(ArrayInputs(arrays, out, dtype, None, inputs.params, inputs.per_model))
     assert calls == [1]
     assert torch.equal(slow.isnan(), fast.isnan())  # NaN bit patterns may differ (torch is not uniform)
     assert torch.equal(slow.nan_to_num(), fast.nan_to_num())
 
 
-def test_linear_kernel_declines_what_it_does_not_cover(make_inputs) -> None:
-    from mergesmith.methods.registry import get
-
-    spec = get("linear")
+def test_kernels_take_no_tensors_they_do_not_cover() -> None:
     small = family(5, 1, (16, 16), torch.bfloat16)
     half = family(5, 1, (300, 257), torch.float16)
-    for tensors in (small, half):
-        inputs = make_inputs("linear", tensors, None, {}, {"weight": [1.0, 1.0]}, None)
-        out = torch.zeros_like(tensors[0])
-        assert not spec.fused(inputs, out)
-        assert not out.any()
+    mixed = [family(5, 0, (300, 257), torch.bfloat16)[0], family(5, 0, (300, 257), torch.float32)[0]]
+    strided = [t.t() for t in family(5, 1, (300, 257), torch.float32)]
+    for tensors in (small, half, mixed, strided):
+        assert task_vector_fast.tensor_arrays(tensors, torch.zeros_like(tensors[0])) is None
+    fine = family(5, 1, (300, 257), torch.float32)
+    assert task_vector_fast.tensor_arrays(fine, torch.zeros_like(fine[0])) is not None

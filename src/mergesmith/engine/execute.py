@@ -17,8 +17,8 @@ from mergesmith.engine.progress import Progress
 from mergesmith.errors import MergesmithError, PlanError
 from mergesmith.io.read import ModelReader, RawTensor, open_model
 from mergesmith.io.write import ShardWriter
-from mergesmith.methods import registry
-from mergesmith.methods.spec import MergeInputs
+from mergesmith.methods import registry, task_vector_fast
+from mergesmith.methods.spec import ArrayInputs, MergeInputs
 from mergesmith.plan.types import MergePlan, TensorPlan
 
 if TYPE_CHECKING:
@@ -71,17 +71,70 @@ def _unchanged(tp: TensorPlan, stored: list[str]) -> bool:
     )
 
 
+def _plain(tp: TensorPlan, readers: list[Any]) -> bool:
+    """Every source is a whole stored tensor of a safetensors file (no adapter, no vocabulary rework), so
+    its bytes can be used as they are."""
+    return tp.vocab is None and all(
+        type(readers[s.model]) is ModelReader
+        and readers[s.model].index.format == "safetensors"
+        and s.rows is None
+        for s in tp.sources
+    )
+
+
 def _raw(tp: TensorPlan, readers: list[Any]) -> bool:
     """The output tensor is its source's stored bytes (an unchanged passthrough, or a copy of a non-float
     tensor) read from safetensors files: it is moved as bytes, with no torch at all."""
-    if tp.vocab is not None or tp.method not in ("copy", "passthrough"):
-        return False
-    if not all(type(readers[s.model]) is ModelReader and s.rows is None for s in tp.sources):
-        return False
-    if not all(readers[s.model].index.format == "safetensors" for s in tp.sources):
+    if tp.method not in ("copy", "passthrough") or not _plain(tp, readers):
         return False
     stored = [readers[s.model].index.tensors[s.name].dtype for s in tp.sources]
     return tp.method == "copy" or _unchanged(tp, stored)
+
+
+def _kernel(tp: TensorPlan, readers: list[Any], device: str) -> bool:
+    """The method's fused CPU kernel can run on the stored bytes as they are (inputs already in the compute
+    and output dtype, bfloat16 or float32): torch is only needed if the kernel declines."""
+    if tp.method == "copy" or device != "cpu" or not _plain(tp, readers):
+        return False
+    if registry.get(tp.method).fused is None or tp.compute_dtype not in ("bfloat16", "float32"):
+        return False
+    stored = {readers[s.model].index.tensors[s.name].dtype for s in tp.sources}
+    return stored == {tp.compute_dtype} == {tp.out_dtype} and task_vector_fast.enabled()
+
+
+def _array_inputs(tp: TensorPlan, arrays: Any, out: Any, dtype: str, threads: int | None) -> ArrayInputs:
+    return ArrayInputs(
+        arrays=tuple(arrays),
+        out=out,
+        dtype=dtype,
+        base_index=tp.base_index,
+        params=dict(tp.params),
+        per_model=tuple(dict(p) for p in tp.per_model),
+        name=tp.name,
+        threads=threads,
+    )
+
+
+def _run_kernel(tp: TensorPlan, parts: list[RawTensor], threads: int) -> RawTensor | None:
+    """The method's fused kernel over the stored bytes, into a new buffer; None when it declines."""
+    import numpy as np
+
+    kind = np.uint16 if tp.compute_dtype == "bfloat16" else np.float32
+    arrays = [np.frombuffer(p.data, dtype=kind) for p in parts]
+    out = np.empty(arrays[0].size, dtype=kind)
+    if not registry.get(tp.method).fused(_array_inputs(tp, arrays, out, tp.compute_dtype, threads)):
+        return None
+    return RawTensor(tp.out_dtype, parts[0].shape, memoryview(out).cast("B"))
+
+
+def _as_torch(part: RawTensor) -> torch.Tensor:
+    """A tensor over the bytes (no copy)."""
+    import torch
+
+    dtype = getattr(torch, part.dtype)
+    if not part.data.nbytes:
+        return torch.empty(part.shape, dtype=dtype)
+    return torch.frombuffer(part.data, dtype=torch.uint8).view(dtype).view(part.shape)
 
 
 def _pass_raw(tp: TensorPlan, parts: list[RawTensor]) -> RawTensor:
@@ -145,7 +198,8 @@ def _merge(
         # A method's fused CPU kernel takes the whole piece in one pass, when the inputs need no cast.
         if spec.fused is not None and device == "cpu" and all(t.dtype == compute for t in tensors):
             out = torch.empty(shape, dtype=compute)
-            if spec.fused(inputs_of(tensors), out):
+            arrays = task_vector_fast.tensor_arrays(tensors, out)
+            if arrays is not None and spec.fused(_array_inputs(tp, *arrays, tp.compute_dtype, None)):
                 result = out
         if result is None:
             if spec.elementwise and len(tensors) > 1 and tensors[0].dim() > 0 and numel > CHUNK_ELEMENTS:
@@ -171,6 +225,7 @@ class Unit:
     stop: int
     whole: bool
     raw: bool = False  # moved as stored bytes (see _raw)
+    kernel: bool = False  # read as bytes for the method's fused kernel (see _kernel)
 
 
 def splittable(tp: TensorPlan) -> bool:
@@ -180,7 +235,9 @@ def splittable(tp: TensorPlan) -> bool:
     return registry.get(tp.method).elementwise
 
 
-def plan_units(plan: MergePlan, unit_bytes: int, skip: set[str], readers: list[Any]) -> list[Unit]:
+def plan_units(
+    plan: MergePlan, unit_bytes: int, skip: set[str], readers: list[Any], device: str = "cpu"
+) -> list[Unit]:
     """Split large elementwise tensors into row ranges of about `unit_bytes` of input each."""
     units = []
     for tp in plan.tensors:
@@ -188,13 +245,14 @@ def plan_units(plan: MergePlan, unit_bytes: int, skip: set[str], readers: list[A
             continue
         rows = tp.shape[0] if tp.shape else 0
         raw = _raw(tp, readers)
+        kernel = not raw and _kernel(tp, readers, device)
         in_bytes = sum(_nbytes(tp, s, readers) for s in tp.sources)
         ranged = all(hasattr(readers[s.model], "read_range") for s in tp.sources)
         if not (splittable(tp) and ranged and rows > 1 and in_bytes > unit_bytes):
-            units.append(Unit(tp, 0, rows, True, raw))
+            units.append(Unit(tp, 0, rows, True, raw, kernel))
             continue
         step = max(1, int(rows * unit_bytes / in_bytes))
-        units += [Unit(tp, r, min(rows, r + step), False, raw) for r in range(0, rows, step)]
+        units += [Unit(tp, r, min(rows, r + step), False, raw, kernel) for r in range(0, rows, step)]
     return units
 
 
@@ -213,7 +271,7 @@ def _unit_bytes(u: Unit, readers: list[Any]) -> int:
 
 
 def _read_unit(u: Unit, readers: list[Any]) -> list[torch.Tensor] | list[RawTensor]:
-    if u.raw:
+    if u.raw or u.kernel:
         start, stop = (None, None) if u.whole else (u.start, u.stop)
         return [readers[s.model].read_raw(s.name, start, stop) for s in u.tp.sources]
     if u.whole:
@@ -273,9 +331,21 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
     ):
         log.warning("random merge method without --random-seed: this run used seed %d", fallback_seed)
     budget = Budget(opts.inflight_bytes)
-    units = plan_units(plan, opts.unit_bytes, writer.done_names, readers)
-    # A merge that only moves stored bytes (a frankenmerge) never imports torch.
-    threads_before = None if all(u.raw for u in units) else _set_compute_threads(plan, opts)
+    units = plan_units(plan, opts.unit_bytes, writer.done_names, readers, opts.device)
+    # A merge that only moves stored bytes (a frankenmerge) or runs fused kernels on them never loads torch.
+    n_threads = _compute_threads(plan, opts)
+    torch_threads: list[int] = []  # torch's thread count before this merge set it, once torch is in use
+
+    def use_torch() -> None:
+        if not torch_threads:
+            import torch
+
+            torch_threads.append(torch.get_num_threads())
+            if n_threads is not None:
+                torch.set_num_threads(n_threads)
+
+    if not all(u.raw or u.kernel for u in units):
+        use_torch()
     loaded: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.read_ahead))
     merged: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
@@ -344,10 +414,16 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
             if write_error:
                 raise write_error[0]
             u, cost, tensors = item
+            result = None
             if u.raw:
                 result = _pass_raw(u.tp, tensors)
-            else:
-                result = _merge(u.tp, tensors, fallback_seed, opts.device, rows=(u.start, u.stop))
+            elif u.kernel:
+                result = _run_kernel(u.tp, tensors, n_threads or os.cpu_count() or 1)
+            if result is None:
+                use_torch()
+                parts = [_as_torch(p) if isinstance(p, RawTensor) else p for p in tensors]
+                result = _merge(u.tp, parts, fallback_seed, opts.device, rows=(u.start, u.stop))
+                del parts
                 if result.device.type != "cpu":
                     result = result.to("cpu")
             del tensors
@@ -365,21 +441,19 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
         threads[0].join()  # the loader sees stop after its current read; only then close its files
         for r in readers:
             r.close()
-        if threads_before is not None:
+        if torch_threads:
             import torch
 
-            torch.set_num_threads(threads_before)
+            torch.set_num_threads(torch_threads[0])
     return progress.elapsed
 
 
-def _set_compute_threads(plan: MergePlan, opts: ExecOptions) -> int:
-    """Give torch this merge's thread count; return the count it had. Elementwise merges are memory-bound:
-    on the CPU they leave a core to the reader and writer threads. Whole-tensor methods (selection, random
-    masks, ranking) are compute-bound and get every core."""
-    import torch
-
-    before = torch.get_num_threads()
-    light = registry.get(plan.method).elementwise and opts.device == "cpu"
-    default = max(1, (os.cpu_count() or 2) - 1) if light else before
-    torch.set_num_threads(opts.num_threads or default)
-    return before
+def _compute_threads(plan: MergePlan, opts: ExecOptions) -> int | None:
+    """Threads for compute (torch's and the kernels'); None leaves torch's default (every core).
+    Elementwise merges are memory-bound: on the CPU they leave a core to the reader and writer threads.
+    Whole-tensor methods (selection, random masks, ranking) are compute-bound and get every core."""
+    if opts.num_threads:
+        return opts.num_threads
+    if registry.get(plan.method).elementwise and opts.device == "cpu":
+        return max(1, (os.cpu_count() or 2) - 1)
+    return None

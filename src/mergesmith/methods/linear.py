@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 from mergesmith._util import lazy_module
 from mergesmith.methods import task_vector_fast
 from mergesmith.methods.registry import register
-from mergesmith.methods.spec import MergeInputs, Param
+from mergesmith.methods.spec import ArrayInputs, MergeInputs, Param
 
 if TYPE_CHECKING:
     import torch
@@ -20,15 +23,46 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _weights(inputs: MergeInputs) -> list[float]:
-    return [float(p["weight"]) for p in inputs.per_model]
+def _weights(per_model: tuple[Mapping[str, Any], ...]) -> list[float]:
+    return [float(p["weight"]) for p in per_model]
 
 
-def _linear_fused(inputs: MergeInputs, out: torch.Tensor) -> bool:
+def _f32(x: float | Fraction) -> Fraction | None:
+    """x rounded to the nearest float32 (ties to even), exactly; None outside the normal range."""
+    x = Fraction(x)
+    if x == 0:
+        return x
+    e = math.floor(math.log2(abs(x)))
+    if abs(x) < Fraction(2) ** e:  # log2 rounded up near a power of two
+        e -= 1
+    if not -126 <= e <= 127:
+        return None
+    step = Fraction(2) ** (e - 23)
+    return round(x / step) * step  # round() on a Fraction breaks ties to even
+
+
+def _order_free_sum(weights: list[float]) -> float | None:
+    """The float32 sum of the weights when every order of adding them gives it: each weight and the sum of
+    each subset of them are float32 values, so no addition rounds. None otherwise."""
+    if len(weights) > 12:
+        return None
+    values = [_f32(w) for w in weights]
+    if any(v is None for v in values):
+        return None
+    for subset in range(1, 1 << len(values)):
+        s = sum((v for i, v in enumerate(values) if subset >> i & 1), Fraction(0))
+        if _f32(s) != s:
+            return None
+    return float(sum(values, Fraction(0)))  # type: ignore[arg-type]
+
+
+def _linear_fused(a: ArrayInputs) -> bool:
     """The same sum in one pass of a CPU kernel (bfloat16/float32), with the same rounding steps."""
-    weights = _weights(inputs)
-    total = torch.tensor(weights, dtype=torch.float32).sum()
-    return task_vector_fast.weighted_sum_into(inputs.tensors, weights, total, inputs.params["normalize"], out)
+    weights = _weights(a.per_model)
+    total = _order_free_sum(weights)
+    if total is None:  # torch's summation order decides the rounding: let torch add them
+        total = float(torch.tensor(weights, dtype=torch.float32).sum())
+    return task_vector_fast.weighted_sum_into(a, weights, total, a.params["normalize"])
 
 
 @register(
@@ -45,7 +79,7 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
     """Weighted sum of every input, divided by the weight total when normalize is set."""
     first = inputs.tensors[0]
     dtype = work_dtype(first)
-    weights = _weights(inputs)
+    weights = _weights(inputs.per_model)
     out = first.to(dtype) * weights[0]
     for tensor, w in zip(inputs.tensors[1:], weights[1:]):
         out.add_(tensor, alpha=w)  # mixed-dtype add accumulates in `out`'s dtype without a converted copy

@@ -103,10 +103,27 @@ class MergeInputs:
         return tuple(p for i, p in enumerate(self.per_model) if i != self.base_index)
 
 
+@dataclass(frozen=True)
+class ArrayInputs:
+    """What a method's fused CPU kernel gets: flat, contiguous numpy views of the inputs and of the output,
+    all of one dtype (bfloat16, seen as its uint16 bits, or float32), with the resolved parameters. The
+    executor makes them from torch tensors, or straight from the files' bytes (then torch is never loaded).
+    """
+
+    arrays: tuple[Any, ...]
+    out: Any
+    dtype: str  # "bfloat16" or "float32"
+    base_index: int | None
+    params: Mapping[str, Any]
+    per_model: tuple[Mapping[str, Any], ...]
+    name: str = ""
+    threads: int | None = None  # the kernel's thread count (None: torch's)
+
+
 MergeFn = Callable[[MergeInputs], "torch.Tensor"]
-# An optional whole-tensor CPU kernel for an elementwise method: writes fn's result into `out` (same dtype
-# as the inputs) and returns True, or returns False without touching anything when it does not apply.
-FusedFn = Callable[[MergeInputs, "torch.Tensor"], bool]
+# An optional whole-tensor CPU kernel for an elementwise method: writes fn's result into `inputs.out` and
+# returns True, or returns False without touching anything when it does not apply (then `fn` runs).
+FusedFn = Callable[[ArrayInputs], bool]
 
 
 @dataclass(frozen=True)

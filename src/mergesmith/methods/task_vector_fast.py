@@ -3,8 +3,8 @@
 `fast_combine` returns None whenever it does not apply (no numba, not on the CPU, a dtype other than
 bfloat16 / float32, breadcrumbs, tensors of more than two dimensions for della, small tensors where
 compiling would cost more than it saves); the caller then runs the torch definition. `lerp_into`
-(slerp's output pass) and `weighted_sum_into` (linear) do the same for the elementwise kernels,
-returning False instead.
+(slerp's output pass) and `weighted_sum_into` (linear, on numpy arrays) do the same for the elementwise
+kernels, returning False instead.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mergesmith.methods.primitives import NORM_EPS, della_bounds_problem, genera
 if TYPE_CHECKING:
     import torch
 
-    from mergesmith.methods.spec import MergeInputs
+    from mergesmith.methods.spec import ArrayInputs, MergeInputs
     from mergesmith.methods.task_arithmetic import TaskVectorMethod
 else:
     torch = lazy_module("torch")
@@ -64,11 +64,29 @@ def _np(t: torch.Tensor) -> Any:
     return flat.numpy()
 
 
-def _kernel_threads() -> int:
-    """Give numba's pool torch's thread count (what the executor chose for this method); return it."""
+def tensor_arrays(tensors: list[torch.Tensor], out: torch.Tensor) -> tuple[tuple[Any, ...], Any] | None:
+    """Flat numpy views of `tensors` and `out` for a method's fused kernel, or None where none applies: the
+    kernels are off, or these are not contiguous CPU bfloat16/float32 tensors of one dtype and shape large
+    enough to pay for the kernel."""
+    if not (
+        enabled()
+        and out.dtype in (torch.bfloat16, torch.float32)
+        and out.numel() >= MIN_ELEMENTS
+        and all(
+            t.device.type == "cpu" and t.dtype == out.dtype and t.shape == out.shape and t.is_contiguous()
+            for t in (out, *tensors)
+        )
+    ):
+        return None
+    return tuple(_np(t) for t in tensors), _np(out)
+
+
+def _kernel_threads(threads: int | None = None) -> int:
+    """Size numba's pool to `threads` (None: torch's thread count, what the executor chose); return it."""
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    want = threads if threads is not None else torch.get_num_threads()
+    numba.set_num_threads(max(1, min(want, numba.config.NUMBA_NUM_THREADS)))
     return int(numba.get_num_threads())
 
 
@@ -76,31 +94,26 @@ def _block(n: int, threads: int) -> int:
     return max(1 << 15, -(-n // (8 * threads)))
 
 
-def _elementwise(
-    out: torch.Tensor, inputs: tuple[torch.Tensor, ...], launch: Callable[[Any, int], None]
-) -> bool:
-    """Run `launch(kernels_module, block)` when `out` and every input are contiguous CPU bfloat16 or
-    float32 tensors of one shape and dtype, large enough to pay; False (nothing touched) otherwise."""
-    if not (
-        enabled()
-        and out.dtype in (torch.bfloat16, torch.float32)
-        and out.numel() >= MIN_ELEMENTS
-        and all(
-            t.device.type == "cpu" and t.dtype == out.dtype and t.shape == out.shape and t.is_contiguous()
-            for t in (out, *inputs)
-        )
-    ):
-        return False
+def run_kernel(launch: Callable[[Any, int], None], n: int, threads: int | None = None) -> bool:
+    """Run `launch(kernels_module, block)` over `n` elements on `threads` threads; False (after one warning
+    per process) when numba fails, so the caller uses the torch code."""
     from mergesmith.methods import numba_kernels as K
 
     try:
-        launch(K, _block(out.numel(), _kernel_threads()))
+        launch(K, _block(n, _kernel_threads(threads)))
     except Exception as exc:
         if not type(exc).__module__.startswith("numba"):
             raise
         _give_up(exc)
         return False
     return True
+
+
+def _elementwise(
+    out: torch.Tensor, inputs: tuple[torch.Tensor, ...], launch: Callable[[Any, int], None]
+) -> bool:
+    """Run `launch(kernels_module, block)` where `tensor_arrays` allows; False (nothing touched) otherwise."""
+    return tensor_arrays(list(inputs), out) is not None and run_kernel(launch, out.numel())
 
 
 def lerp_into(
@@ -119,22 +132,16 @@ def lerp_into(
     )
 
 
-def weighted_sum_into(
-    tensors: tuple[torch.Tensor, ...],
-    weights: list[float],
-    total: torch.Tensor,
-    normalize: bool,
-    out: torch.Tensor,
-) -> bool:
-    """out = sum(w_i * x_i) (divided by `total` when normalize is set) with one fused CPU kernel, rounding
-    as `linear` does in torch. Returns False, touching nothing, where the kernel does not apply."""
+def weighted_sum_into(a: ArrayInputs, weights: list[float], total: float, normalize: bool) -> bool:
+    """a.out = sum(w_i * x_i) (divided by `total`, a float32 value, when normalize is set) with one fused
+    CPU kernel, rounding as `linear` does in torch. False, touching nothing, when numba fails."""
     import numpy as np
 
     def launch(K: Any, block: int) -> None:
         w = np.asarray(weights, dtype=np.float32)
-        K.weighted_sum(tuple(_np(t) for t in tensors), w, np.float32(total), bool(normalize), _np(out), block)
+        K.weighted_sum(a.arrays, w, np.float32(total), bool(normalize), a.out, block)
 
-    return _elementwise(out, tensors, launch)
+    return run_kernel(launch, a.out.size, a.threads)
 
 
 def _norms(sums: Any, mode: str) -> tuple[float, float]:
