@@ -360,3 +360,27 @@ def test_methods_unknown_name_suggests():
     result = invoke("methods", "slerpp")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: unknown merge method 'slerpp' (did you mean 'slerp'?)")
+
+
+def test_main_exits_with_the_command_status_without_teardown(monkeypatch, capsys):
+    """main() leaves through os._exit (no interpreter teardown) with the status click gives."""
+    import mergesmith.cli.main as entry
+
+    codes: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        codes.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(entry.os, "_exit", fake_exit)
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # restored after
+    monkeypatch.setattr(entry.gc, "disable", lambda: None)  # main() turns collection off for its process
+    for argv, want in ((["methods"], 0), (["yaml"], 2), (["nope"], 2)):
+        monkeypatch.setattr(sys, "argv", ["mergesmith", *argv])
+        with pytest.raises(SystemExit):
+            entry.main()
+        assert codes[-1] == want
+    assert "linear" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        entry.run_cli(lambda: (_ for _ in ()).throw(BrokenPipeError()), 0)  # `| head` closed the pipe
+    assert codes[-1] == 141

@@ -56,6 +56,8 @@ def run_cli(fn, verbosity: int) -> None:  # type: ignore[no-untyped-def]
         # worker threads are mid-operation can abort the process instead of exiting with 130.
         sys.stderr.flush()
         os._exit(143 if isinstance(exc, Terminated) else 130)
+    except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as shell tools do
+        os._exit(141)
     except MemoryError:
         click.echo("error: out of memory; try --read-ahead 1 or a machine with more RAM", err=True)
         sys.exit(2)
@@ -94,4 +96,24 @@ def main() -> None:
     # OpenMP workers (torch, numba) otherwise spin for a while after each parallel region, taking the
     # cores the reader, writer and hashing threads need; sleeping at once costs the merge nothing measurable.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cli(prog_name="mergesmith")
+    try:
+        cli(prog_name="mergesmith")
+    except SystemExit as exc:
+        _leave(exc.code)
+    _leave(0)
+
+
+def _leave(code: object) -> None:
+    """Exit with `code` (as SystemExit would read it) without tearing the interpreter down. The command is
+    finished and its files are closed; unloading torch's and numba's modules object by object would take
+    most of a second more."""
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more can be shown
+            pass
+    os._exit(code or 0)

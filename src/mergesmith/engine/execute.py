@@ -307,14 +307,19 @@ def execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
 
     Three threads: the loader reads units ahead (bounded by a byte budget), this thread merges, the writer
     streams results into the shards. Tensors the writer already holds (resume) are skipped unread."""
-    # The heap holds torch's hundreds of thousands of long-lived objects; frozen, they are left out of
-    # the collections the merge's own allocations trigger.
+    # The heap holds the long-lived objects of the libraries loaded so far; frozen, they are left out of
+    # the collections the merge's own allocations trigger. Those make few cycles, and the libraries
+    # loaded on first use (torch, numba: hundreds of thousands of objects each) should not trigger a
+    # collection every 700 allocations while they load, so collections are also rarer.
     enabled = gc.isenabled()
+    thresholds = gc.get_threshold()
     gc.freeze()
+    gc.set_threshold(100_000, 50, 50)
     gc.enable()
     try:
         return _execute(plan, writer, opts)
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
         if not enabled:
             gc.disable()
@@ -338,8 +343,11 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
 
     def use_torch() -> None:
         if not torch_threads:
+            gc.disable()  # torch's import makes hundreds of thousands of objects: no collections meanwhile,
             import torch
 
+            gc.freeze()  # and none of them in the collections the merge's own allocations trigger
+            gc.enable()
             torch_threads.append(torch.get_num_threads())
             if n_threads is not None:
                 torch.set_num_threads(n_threads)
