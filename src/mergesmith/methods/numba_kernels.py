@@ -613,6 +613,27 @@ def scale_into(work: Any, factor: Any, out: Any, block: int) -> None:
             store(o, j, rnd(o, w[j] * factor))
 
 
+@sjit
+def slerp_sums(x: Any, y: Any, block: int) -> Any:
+    """Per block of `block` entries: the sums of x*x, y*y and x*y in float64 (slerp's norms and dot
+    product; the caller adds the blocks in order, so the result does not depend on the thread count)."""
+    n = x.size
+    nb = (n + block - 1) // block
+    sums = np.zeros((nb, 3))
+    for c in prange(nb):
+        lo = c * block
+        hi = min(n, lo + block)
+        a, b = x[lo:hi], y[lo:hi]
+        sxx = syy = sxy = 0.0
+        for j in range(hi - lo):
+            u, v = np.float64(load(a, j)), np.float64(load(b, j))
+            sxx += u * u
+            syy += v * v
+            sxy += u * v
+        sums[c, 0], sums[c, 1], sums[c, 2] = sxx, syy, sxy
+    return sums
+
+
 @pjit
 def lerp_into(x: Any, y: Any, ca: Any, cb: Any, out: Any, block: int) -> None:
     """out = ca * x + cb * y in float32 (each product rounded, then the sum), rounded to out's dtype:

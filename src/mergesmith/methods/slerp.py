@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from mergesmith._util import lazy_module
 from mergesmith.methods import task_vector_fast
 from mergesmith.methods.registry import register
-from mergesmith.methods.spec import MergeInputs, Param
+from mergesmith.methods.spec import ArrayInputs, MergeInputs, Param
 
 if TYPE_CHECKING:
     import torch
@@ -50,10 +50,18 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sin = torch.sin(theta)
         ca, cb = torch.sin((1 - tt) * theta) / sin, torch.sin(tt * theta) / sin
     out = torch.empty_like(x)
-    if not task_vector_fast.lerp_into(x, y, ca, cb, out):
-        for i, j in spans:
-            out[i:j] = ca * x[i:j].to(dtype) + cb * y[i:j].to(dtype)
+    for i, j in spans:
+        out[i:j] = ca * x[i:j].to(dtype) + cb * y[i:j].to(dtype)
     return out.view(a.shape)
+
+
+def _slerp_fused(a: ArrayInputs) -> bool:
+    """The CPU kernel: norms and dot product summed in float64 in one pass (where the torch code sums in
+    float32, so the two may differ by a rounding step), then the same float32 output pass."""
+    if len(a.arrays) != 2 or a.base_index is None:
+        return False
+    x, y = a.arrays[a.base_index], a.arrays[1 - a.base_index]
+    return task_vector_fast.slerp_into(x, y, a.out, float(a.params["t"]), a.threads, DOT_THRESHOLD, EPS)
 
 
 @register(
@@ -63,6 +71,7 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     min_models=2,
     max_models=2,
     paper="https://en.wikipedia.org/wiki/Slerp",
+    fused=_slerp_fused,
 )
 def slerp(inputs: MergeInputs) -> torch.Tensor:
     """Spherical interpolation from the base model towards the other model by t."""

@@ -2,9 +2,9 @@
 
 `fast_combine` returns None whenever it does not apply (no numba, not on the CPU, a dtype other than
 bfloat16 / float32, breadcrumbs, tensors of more than two dimensions for della, small tensors where
-compiling would cost more than it saves); the caller then runs the torch definition. `lerp_into`
-(slerp's output pass) and `weighted_sum_into` (linear, on numpy arrays) do the same for the elementwise
-kernels, returning False instead.
+compiling would cost more than it saves); the caller then runs the torch definition. `slerp_into` and
+`weighted_sum_into` (linear) are the fused kernels of those methods, on numpy arrays; they return False
+when numba fails.
 """
 
 from __future__ import annotations
@@ -66,12 +66,10 @@ def _np(t: torch.Tensor) -> Any:
 
 def tensor_arrays(tensors: list[torch.Tensor], out: torch.Tensor) -> tuple[tuple[Any, ...], Any] | None:
     """Flat numpy views of `tensors` and `out` for a method's fused kernel, or None where none applies: the
-    kernels are off, or these are not contiguous CPU bfloat16/float32 tensors of one dtype and shape large
-    enough to pay for the kernel."""
+    kernels are off, or these are not contiguous CPU bfloat16/float32 tensors of one dtype and shape."""
     if not (
         enabled()
         and out.dtype in (torch.bfloat16, torch.float32)
-        and out.numel() >= MIN_ELEMENTS
         and all(
             t.device.type == "cpu" and t.dtype == out.dtype and t.shape == out.shape and t.is_contiguous()
             for t in (out, *tensors)
@@ -109,26 +107,33 @@ def run_kernel(launch: Callable[[Any, int], None], n: int, threads: int | None =
     return True
 
 
-def _elementwise(
-    out: torch.Tensor, inputs: tuple[torch.Tensor, ...], launch: Callable[[Any, int], None]
+SUM_BLOCK = 1 << 16  # entries per partial sum of a reduction: fixed, so results do not depend on threads
+
+
+def slerp_into(
+    x: Any, y: Any, out: Any, t: float, threads: int | None, dot_threshold: float, eps: float
 ) -> bool:
-    """Run `launch(kernels_module, block)` where `tensor_arrays` allows; False (nothing touched) otherwise."""
-    return tensor_arrays(list(inputs), out) is not None and run_kernel(launch, out.numel())
-
-
-def lerp_into(
-    x: torch.Tensor, y: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor
-) -> bool:
-    """out = ca * x + cb * y (slerp's output pass) with one fused CPU kernel, rounding as torch does.
-
-    Returns False, touching nothing, where the kernel does not apply (the caller then uses torch).
-    """
+    """Slerp from array x (t=0) to y (t=1) into `out` in two CPU passes: the norms and dot product summed
+    in float64, then the float32 output pass as torch computes it. False when numba fails."""
     import numpy as np
 
-    return _elementwise(
-        out,
-        (x, y),
-        lambda K, block: K.lerp_into(_np(x), _np(y), np.float32(ca), np.float32(cb), _np(out), block),
+    sums: list[Any] = []
+    if not run_kernel(lambda K, block: sums.append(K.slerp_sums(x, y, SUM_BLOCK)), x.size, threads):
+        return False
+    sxx, syy, sxy = (float(v) for v in sums[0].sum(axis=0))
+    na, nb = math.sqrt(sxx), math.sqrt(syy)
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = sxy / (na * nb)
+    tt = float(np.float32(t))
+    if math.isnan(dot):  # a NaN or infinite input: every entry is NaN, as in the torch code
+        ca = cb = math.nan
+    elif abs(dot) > dot_threshold:
+        ca, cb = float(np.float32(1.0) - np.float32(t)), tt
+    else:
+        theta = math.acos(min(1.0, max(-1.0, dot)))
+        ca, cb = math.sin((1 - tt) * theta) / math.sin(theta), math.sin(tt * theta) / math.sin(theta)
+    return run_kernel(
+        lambda K, block: K.lerp_into(x, y, np.float32(ca), np.float32(cb), out, block), x.size, threads
     )
 
 
