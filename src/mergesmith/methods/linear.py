@@ -42,13 +42,16 @@ def _f32(x: float | Fraction) -> Fraction | None:
 
 
 def _order_free_sum(weights: list[float]) -> float | None:
-    """The float32 sum of the weights when every order of adding them gives it: each weight and the sum of
-    each subset of them are float32 values, so no addition rounds. None otherwise."""
+    """The float32 sum of the weights when every order of adding them gives it: two weights (one rounded
+    addition), or weights whose every subset sums to a float32 value (no addition rounds). None otherwise."""
     if len(weights) > 12:
         return None
     values = [_f32(w) for w in weights]
     if any(v is None for v in values):
         return None
+    if len(values) <= 2:
+        total = _f32(sum(values, Fraction(0)))  # type: ignore[arg-type]
+        return None if total is None else float(total)
     for subset in range(1, 1 << len(values)):
         s = sum((v for i, v in enumerate(values) if subset >> i & 1), Fraction(0))
         if _f32(s) != s:
