@@ -55,18 +55,12 @@ def config(method: str, base: Path, a: Path, b: Path) -> dict:
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "slerp", "linear"])
 def test_fused_kernels_write_the_same_files(wide_models, tmp_path, monkeypatch, method) -> None:
-    from mergesmith.methods import numba_kernels, task_vector_fast
+    from mergesmith.methods import numba_kernels
 
     used = []
-    if method in ("slerp", "linear"):
-        kernel = "lerp_into" if method == "slerp" else "weighted_sum"
-        real_kernel = getattr(numba_kernels, kernel)
-        monkeypatch.setattr(numba_kernels, kernel, lambda *a: used.append(True) or real_kernel(*a))
-    else:
-        real = task_vector_fast.fast_combine
-        monkeypatch.setattr(
-            task_vector_fast, "fast_combine", lambda r, i: used.append(real(r, i)) or used[-1]
-        )
+    kernel = {"slerp": "lerp_into", "linear": "weighted_sum", "della": "combine"}.get(method, "combine_fused")
+    real_kernel = getattr(numba_kernels, kernel)
+    monkeypatch.setattr(numba_kernels, kernel, lambda *a: used.append(True) or real_kernel(*a))
     opts = MergeOptions(quiet=True, random_seed=11)
     monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
     run_merge(config(method, *wide_models), tmp_path / "torch", opts)
@@ -86,7 +80,9 @@ def test_fused_kernels_write_the_same_files(wide_models, tmp_path, monkeypatch, 
         for k, a in slow.items():
             a, b = a.float(), fast[k].float()
             # one bfloat16 step, or the float32 rounding of the inputs' terms where they cancel
-            bound = 2**-7 * torch.maximum(a.abs(), b.abs()) + 2**-21 * (x[k].float().abs() + y[k].float().abs())
+            bound = 2**-7 * torch.maximum(a.abs(), b.abs()) + 2**-21 * (
+                x[k].float().abs() + y[k].float().abs()
+            )
             assert ((a - b).abs() <= bound).all(), k
             assert (a != b).float().mean() < 0.01, k
 

@@ -160,15 +160,19 @@ def test_a_numba_failure_falls_back_to_the_torch_code(merge, monkeypatch, caplog
     assert not task_vector_fast.enabled()
 
 
-def fused(name: str, tensors, params, base_index=None, threads=None) -> torch.Tensor:
-    """The method's fused kernel on these tensors (it must take them)."""
+def fused(name: str, tensors, params, base_index=None, threads=None, per=None) -> torch.Tensor:
+    """The method's fused kernel on these tensors (it must take them); params and per as `merge` takes
+    them (missing ones get the method's defaults)."""
+    from tests.methods.conftest import build_inputs
+
     from mergesmith.methods.registry import get
 
+    inputs = build_inputs(name, tensors, base_index, params, per, None)
     out = torch.empty_like(tensors[0])
     arrays, view = task_vector_fast.tensor_arrays(list(tensors), out)
     dtype = str(out.dtype).removeprefix("torch.")
-    per = tuple({} for _ in tensors)
-    assert get(name).fused(ArrayInputs(arrays, view, dtype, base_index, params, per, "w", threads))
+    a = ArrayInputs(arrays, view, dtype, base_index, inputs.params, inputs.per_model, "w", threads)
+    assert get(name).fused(a)
     return out
 
 
@@ -235,3 +239,63 @@ def test_kernels_take_no_tensors_they_do_not_cover() -> None:
         assert task_vector_fast.tensor_arrays(tensors, torch.zeros_like(tensors[0])) is None
     fine = family(5, 1, (300, 257), torch.float32)
     assert task_vector_fast.tensor_arrays(fine, torch.zeros_like(fine[0])) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(300, 257), (7, 5), (70000,), (1,)])
+@pytest.mark.parametrize("params", [{}, {"lambda": 1.3, "normalize": False}])
+def test_ties_kernel_on_arrays_matches_the_torch_path(merge, monkeypatch, dtype, shape, params) -> None:
+    tensors = family(3, 2, shape, dtype)
+    per = {"weight": [0.3, 0.7], "density": [0.5, 0.8]}
+    monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
+    slow = merge("ties", tensors, params=params, per=per)
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+    assert torch.equal(fused("ties", tensors, params, base_index=0, per=per), slow)
+    swapped = [tensors[1], tensors[0], tensors[2]]  # the base need not come first
+    assert torch.equal(fused("ties", swapped, params, base_index=1, per=per), slow)
+
+
+def test_ties_kernel_leaves_the_norm_rescale_to_the_torch_code() -> None:
+    from tests.methods.conftest import build_inputs
+
+    from mergesmith.methods.registry import get
+
+    tensors = family(3, 2, (64, 64), torch.float32)
+    per = {"weight": [0.3, 0.7], "density": [0.5, 0.8]}
+    inputs = build_inputs("ties", tensors, 0, {"rescale": True}, per, None)
+    out = torch.zeros_like(tensors[0])
+    arrays, view = task_vector_fast.tensor_arrays(tensors, out)
+    a = ArrayInputs(arrays, view, "float32", 0, inputs.params, inputs.per_model)
+    assert not get("ties").fused(a) and not out.any()
+    assert get("dare_ties").fused is None and get("della").fused is None
+
+
+def test_linear_weight_total_without_torch_is_torchs() -> None:
+    import random
+
+    from mergesmith.methods.linear import _torch_f32_sum
+
+    rng = random.Random(3)
+    found = 0
+    for _ in range(3000):
+        n = rng.randint(1, 6)
+        pool = [
+            0.5,
+            1.0,
+            2.0,
+            0.25,
+            0.3,
+            0.7,
+            0.2,
+            -0.5,
+            rng.random(),
+            rng.uniform(-3, 3) * 10 ** rng.randint(-6, 6),
+        ]
+        weights = [rng.choice(pool) for _ in range(n)]
+        total = _torch_f32_sum(weights)
+        if total is not None:
+            found += 1
+            assert total == float(torch.tensor(weights, dtype=torch.float32).sum()), weights
+    assert found > 1500  # up to three weights always, more when their sums are exact
+    assert _torch_f32_sum([0.1, 0.2, 0.3, 0.4, 0.5]) is None  # five inexact weights: torch adds them
+    assert _torch_f32_sum([1e39]) is None  # not a float32 number

@@ -41,17 +41,23 @@ def _f32(x: float | Fraction) -> Fraction | None:
     return round(x / step) * step  # round() on a Fraction breaks ties to even
 
 
-def _order_free_sum(weights: list[float]) -> float | None:
-    """The float32 sum of the weights when every order of adding them gives it: two weights (one rounded
-    addition), or weights whose every subset sums to a float32 value (no addition rounds). None otherwise."""
-    if len(weights) > 12:
-        return None
+def _torch_f32_sum(weights: list[float]) -> float | None:
+    """What torch.tensor(weights, dtype=float32).sum() gives, found without torch where that is certain:
+    up to three weights are added left to right (below any vector width, torch adds them in order), and
+    more are summed exactly when every subset of them sums to a float32 value (then no order rounds).
+    None otherwise."""
     values = [_f32(w) for w in weights]
     if any(v is None for v in values):
         return None
-    if len(values) <= 2:
-        total = _f32(sum(values, Fraction(0)))  # type: ignore[arg-type]
-        return None if total is None else float(total)
+    if len(values) <= 3:
+        total: Fraction | None = values[0]  # type: ignore[assignment]
+        for v in values[1:]:
+            total = _f32(total + v)  # type: ignore[operator]
+            if total is None:
+                return None
+        return float(total)  # type: ignore[arg-type]
+    if len(values) > 12:
+        return None
     for subset in range(1, 1 << len(values)):
         s = sum((v for i, v in enumerate(values) if subset >> i & 1), Fraction(0))
         if _f32(s) != s:
@@ -62,7 +68,7 @@ def _order_free_sum(weights: list[float]) -> float | None:
 def _linear_fused(a: ArrayInputs) -> bool:
     """The same sum in one pass of a CPU kernel (bfloat16/float32), with the same rounding steps."""
     weights = _weights(a.per_model)
-    total = _order_free_sum(weights)
+    total = _torch_f32_sum(weights)
     if total is None:  # torch's summation order decides the rounding: let torch add them
         total = float(torch.tensor(weights, dtype=torch.float32).sum())
     return task_vector_fast.weighted_sum_into(a, weights, total, a.params["normalize"])

@@ -130,6 +130,9 @@ def register_row(row: TaskVectorMethod) -> MethodSpec:
             paper=row.paper,
             summary=row.summary,
             validate=row.validate,
+            fused=(lambda a, _row=row: task_vector_fast.ties_into(_row, a))
+            if row.sparsify is _magnitude
+            else None,
         )
     )
 

@@ -290,6 +290,65 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
         return None
 
 
+def _in_dtype(x: float, dtype: str) -> float:
+    """x as torch holds it in a tensor of `dtype` (bfloat16: rounded to float32, then to nearest even)."""
+    import numpy as np
+
+    f = np.float32(x)
+    if dtype != "bfloat16" or f != f:
+        return float(f)
+    bits = int(f.view(np.uint32))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return float(np.uint32(bits).view(np.float32))
+
+
+def ties_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
+    """TIES (magnitude pruning, sign election, no norm rescale) on numpy arrays in one kernel pass per
+    task vector plus the combine: the method's fused kernel, so a TIES merge needs no torch. False where
+    it does not apply (the torch code then runs)."""
+    import numpy as np
+
+    from mergesmith.methods import task_arithmetic as ta
+
+    params = dict(a.params)
+    if (
+        row.sparsify is not ta._magnitude
+        or not row.sign_consensus
+        or ta._rescale(params) is not None
+        or a.base_index is None
+        or len(a.arrays) < 2
+        or a.out.size == 0
+    ):
+        return False
+    b = a.arrays[a.base_index]
+    fts = [x for i, x in enumerate(a.arrays) if i != a.base_index]
+    per = [dict(p) for i, p in enumerate(a.per_model) if i != a.base_index]
+    weights = np.asarray([_in_dtype(float(p["weight"]), a.dtype) for p in per], dtype=np.float32)
+    lam = float(params["lambda"])
+
+    def launch(K: Any, block: int) -> None:
+        ctx = {
+            "n": b.size,
+            "bf16": a.dtype == "bfloat16",
+            "block": block,
+            "mode": None,
+            "gen": None,
+            # the weight total (last) only divides when there is no sign election
+            "combine_args": (
+                weights,
+                True,
+                bool(params["normalize"]),
+                np.float32(lam),
+                lam != 1,
+                np.float32(1),
+            ),
+            "out": a.out,
+        }
+        _fused(K, "magnitude", b, fts, per, ctx)
+
+    return run_kernel(launch, b.size, a.threads)
+
+
 def _run(
     row: TaskVectorMethod, inputs: MergeInputs, kind: str, per: list[dict[str, Any]], params: dict[str, Any]
 ) -> torch.Tensor:
