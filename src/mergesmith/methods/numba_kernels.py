@@ -152,7 +152,7 @@ def hist_high(base: Any, ft: Any, block: int) -> Any:
     """
     n = base.size
     nb = (n + block - 1) // block
-    hist = np.zeros((nb, 32768), np.int64)
+    hist = np.empty((nb, 32768), np.int64)  # every count is written below: no need to clear it first
     for c in prange(nb):
         keys = np.empty(TILE, np.uint32)
         h4 = np.zeros((4, 32768), np.int32)
