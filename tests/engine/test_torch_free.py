@@ -1,5 +1,6 @@
-"""Merges whose every tensor a fused CPU kernel can take from the stored bytes (linear, slerp, TIES on
-bfloat16/float32 safetensors) run without loading torch, and write what the torch code writes."""
+"""Merges whose every tensor a fused CPU kernel can take from the stored bytes (linear, slerp, TIES,
+DARE-TIES on bfloat16/float32 safetensors) run without loading torch, and write what the torch code
+writes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ CONFIGS = {
     "  - model: {b}\n    parameters: {{weight: 0.4}}\n  - model: {base}\n    parameters: {{weight: -0.1}}\n",
     "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n"
     "parameters: {{t: [0.1, 0.8]}}\n",
+    "dare_ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+    "    parameters: {{weight: 0.6, density: 0.4}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.7}}\n"
+    "parameters: {{rescale: true, rescale_mode: l2}}\n",
     "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
     "    parameters: {{weight: 0.6, density: 0.4}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.7}}\n"
     "parameters: {{lambda: 1.2}}\n",
@@ -34,7 +38,7 @@ def test_kernel_merges_never_load_torch(llama_family, tmp_path, method):
     code = textwrap.dedent("""
         import sys
         from mergesmith import MergeOptions, run_merge
-        run_merge(sys.argv[1], sys.argv[2], MergeOptions(quiet=True))
+        run_merge(sys.argv[1], sys.argv[2], MergeOptions(quiet=True, random_seed=3))
         print("torch" in sys.modules)
     """)
     runs = {}
@@ -53,7 +57,35 @@ def test_kernel_merges_never_load_torch(llama_family, tmp_path, method):
     fast, slow = runs[""], runs["torch"]
     assert fast.keys() == slow.keys()
     for name, want in slow.items():
-        if method == "slerp":  # its kernel sums the norms in float64: within float32 rounding
+        if method in ("slerp", "dare_ties"):  # their kernels sum norms in float64: within float32 rounding
             torch.testing.assert_close(fast[name], want, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(fast[name], want), name
+
+
+def test_a_random_methods_kernel_gets_the_seed_of_its_torch_generator(llama_family, tmp_path, monkeypatch):
+    """The kernel sees the seed the torch code's generator gets for the same tensor, so either one draws
+    the same random numbers (here the kernel declines, and the torch code runs)."""
+    from mergesmith import MergeOptions, run_merge
+    from mergesmith.methods import registry
+    from mergesmith.methods.spec import MethodSpec
+
+    kernel_seeds: dict[str, int | None] = {}
+    torch_seeds: dict[str, int] = {}
+
+    def kernel(a):
+        kernel_seeds[a.name] = a.seed
+        return False
+
+    def first(inputs):
+        torch_seeds[inputs.name] = inputs.generator.initial_seed()
+        return inputs.tensors[0]
+
+    name = "test_random_with_kernel"
+    registry.names()  # the built-in methods first
+    spec = MethodSpec(name, first, random=True, fused=kernel)
+    monkeypatch.setitem(registry._METHODS, name, spec)  # removed again when the test ends
+    a, b = llama_family["ft1"], llama_family["ft2"]
+    cfg = f"merge_method: {name}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+    run_merge(cfg, tmp_path / "out", MergeOptions(quiet=True, random_seed=5))
+    assert kernel_seeds == torch_seeds and len(set(torch_seeds.values())) == len(torch_seeds) > 10

@@ -160,7 +160,7 @@ def test_a_numba_failure_falls_back_to_the_torch_code(merge, monkeypatch, caplog
     assert not task_vector_fast.enabled()
 
 
-def fused(name: str, tensors, params, base_index=None, threads=None, per=None) -> torch.Tensor:
+def fused(name: str, tensors, params, base_index=None, threads=None, per=None, seed=None) -> torch.Tensor:
     """The method's fused kernel on these tensors (it must take them); params and per as `merge` takes
     them (missing ones get the method's defaults)."""
     from tests.methods.conftest import build_inputs
@@ -171,7 +171,7 @@ def fused(name: str, tensors, params, base_index=None, threads=None, per=None) -
     out = torch.empty_like(tensors[0])
     arrays, view = task_vector_fast.tensor_arrays(list(tensors), out)
     dtype = str(out.dtype).removeprefix("torch.")
-    a = ArrayInputs(arrays, view, dtype, base_index, inputs.params, inputs.per_model, "w", threads)
+    a = ArrayInputs(arrays, view, dtype, base_index, inputs.params, inputs.per_model, "w", threads, seed)
     assert get(name).fused(a)
     return out
 
@@ -255,7 +255,37 @@ def test_ties_kernel_on_arrays_matches_the_torch_path(merge, monkeypatch, dtype,
     assert torch.equal(fused("ties", swapped, params, base_index=1, per=per), slow)
 
 
-def test_ties_kernel_leaves_the_norm_rescale_to_the_torch_code() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(300, 257), (7, 5)])
+@pytest.mark.parametrize("mode", [None, "l1", "l2", "linf"])
+def test_dare_ties_kernel_on_arrays_matches_the_torch_path(merge, monkeypatch, dtype, shape, mode) -> None:
+    tensors = family(8, 2, shape, dtype)
+    per = {"weight": [0.6, 0.5], "density": [0.4, 1.0]}
+    params = {"rescale": mode is not None, "rescale_mode": mode or "l1"}
+    monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
+    slow = merge("dare_ties", tensors, params=params, per=per, seed=21)
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+    fast = fused("dare_ties", tensors, params, base_index=0, per=per, seed=21)
+    if dtype == torch.float32 and mode in ("l1", "l2"):  # norms summed in float64, not in float32
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-8)
+        if shape == (300, 257):  # the kernels of the torch-tensor path give the same bits
+            assert torch.equal(fast, merge("dare_ties", tensors, params=params, per=per, seed=21))
+    else:
+        assert torch.equal(fast, slow)
+
+
+def test_torch_stream_seeds_are_what_a_torch_generator_draws() -> None:
+    import random
+
+    rng = random.Random(5)
+    for seed in [0, 1, 2**32 - 1, 2**32 + 7, *(rng.randrange(2**64) for _ in range(30))]:
+        gen = torch.Generator().manual_seed(seed)
+        assert hashrng.torch_stream_seeds(seed, 4) == [hashrng.stream_seed(gen) for _ in range(4)], seed
+    gen = torch.Generator().manual_seed(9)  # past the generator's first 624 words
+    assert hashrng.torch_stream_seeds(9, 700) == [hashrng.stream_seed(gen) for _ in range(700)]
+
+
+def test_sparse_kernels_leave_what_they_do_not_cover_to_the_torch_code() -> None:
     from tests.methods.conftest import build_inputs
 
     from mergesmith.methods.registry import get
@@ -267,7 +297,16 @@ def test_ties_kernel_leaves_the_norm_rescale_to_the_torch_code() -> None:
     arrays, view = task_vector_fast.tensor_arrays(tensors, out)
     a = ArrayInputs(arrays, view, "float32", 0, inputs.params, inputs.per_model)
     assert not get("ties").fused(a) and not out.any()
-    assert get("dare_ties").fused is None and get("della").fused is None
+    keep_prob = build_inputs(
+        "dare_ties", tensors, 0, {"rescale": True, "rescale_mode": "keep_prob"}, per, None
+    )
+    a = ArrayInputs(arrays, view, "float32", 0, keep_prob.params, keep_prob.per_model, seed=3)
+    assert not get("dare_ties").fused(a) and not out.any()
+    no_seed = build_inputs("dare_ties", tensors, 0, {}, per, None)
+    assert not get("dare_ties").fused(
+        ArrayInputs(arrays, view, "float32", 0, no_seed.params, no_seed.per_model)
+    )
+    assert get("dare_linear").fused is None and get("della").fused is None
 
 
 def test_linear_weight_total_without_torch_is_torchs() -> None:

@@ -102,27 +102,36 @@ def _kernel(tp: TensorPlan, readers: list[Any], device: str) -> bool:
     return stored == {tp.compute_dtype} == {tp.out_dtype} and task_vector_fast.enabled()
 
 
-def _array_inputs(tp: TensorPlan, arrays: Any, out: Any, dtype: str, threads: int | None) -> ArrayInputs:
+def _tensor_seed(tp: TensorPlan, fallback_seed: int) -> int:
+    """The seed of a random method's generator for this tensor: the plan's, or one derived from the run's
+    seed and the tensor's name (so the result does not depend on the order tensors are merged in)."""
+    return tp.seed if tp.seed is not None else zlib.crc32(f"{fallback_seed}:{tp.name}".encode())
+
+
+def _array_inputs(
+    tp: TensorPlan, arrays: Any, out: Any, threads: int | None, fallback_seed: int
+) -> ArrayInputs:
     return ArrayInputs(
         arrays=tuple(arrays),
         out=out,
-        dtype=dtype,
+        dtype=tp.compute_dtype,
         base_index=tp.base_index,
         params=dict(tp.params),
         per_model=tuple(dict(p) for p in tp.per_model),
         name=tp.name,
         threads=threads,
+        seed=_tensor_seed(tp, fallback_seed) if registry.get(tp.method).random else None,
     )
 
 
-def _run_kernel(tp: TensorPlan, parts: list[RawTensor], threads: int) -> RawTensor | None:
+def _run_kernel(tp: TensorPlan, parts: list[RawTensor], threads: int, fallback_seed: int) -> RawTensor | None:
     """The method's fused kernel over the stored bytes, into a new buffer; None when it declines."""
     import numpy as np
 
     kind = np.uint16 if tp.compute_dtype == "bfloat16" else np.float32
     arrays = [np.frombuffer(p.data, dtype=kind) for p in parts]
     out = np.empty(arrays[0].size, dtype=kind)
-    if not registry.get(tp.method).fused(_array_inputs(tp, arrays, out, tp.compute_dtype, threads)):
+    if not registry.get(tp.method).fused(_array_inputs(tp, arrays, out, threads, fallback_seed)):
         return None
     return RawTensor(tp.out_dtype, parts[0].shape, memoryview(out).cast("B"))
 
@@ -142,8 +151,12 @@ def _pass_raw(tp: TensorPlan, parts: list[RawTensor]) -> RawTensor:
     first = parts[0]
     for other in parts[1:]:
         if other.dtype != first.dtype or other.shape != first.shape or other.data != first.data:
-            raise PlanError(f"non-float tensor {tp.name!r} differs between the input models; cannot merge it")
+            raise _copies_differ(tp)
     return first
+
+
+def _copies_differ(tp: TensorPlan) -> PlanError:
+    return PlanError(f"non-float tensor {tp.name!r} differs between the input models; cannot merge it")
 
 
 def _merge(
@@ -159,9 +172,7 @@ def _merge(
         first = tensors[0]
         for other in tensors[1:]:
             if other.dtype != first.dtype or not torch.equal(other, first):
-                raise PlanError(
-                    f"non-float tensor {tp.name!r} differs between the input models; cannot merge it"
-                )
+                raise _copies_differ(tp)
         return first
     if _unchanged(tp, [str(t.dtype).removeprefix("torch.") for t in tensors]):
         return tensors[0]
@@ -174,8 +185,7 @@ def _merge(
     if spec.random:
         # A CPU generator on every device: the same seed gives the same masks on CPU and GPU.
         gen = torch.Generator()
-        seed = tp.seed if tp.seed is not None else zlib.crc32(f"{fallback_seed}:{tp.name}".encode())
-        gen.manual_seed(seed)
+        gen.manual_seed(_tensor_seed(tp, fallback_seed))
 
     def inputs_of(parts: list[torch.Tensor]) -> MergeInputs:
         return MergeInputs(
@@ -199,7 +209,7 @@ def _merge(
         if spec.fused is not None and device == "cpu" and all(t.dtype == compute for t in tensors):
             out = torch.empty(shape, dtype=compute)
             arrays = task_vector_fast.tensor_arrays(tensors, out)
-            if arrays is not None and spec.fused(_array_inputs(tp, *arrays, tp.compute_dtype, None)):
+            if arrays is not None and spec.fused(_array_inputs(tp, *arrays, None, fallback_seed)):
                 result = out
         if result is None:
             if spec.elementwise and len(tensors) > 1 and tensors[0].dim() > 0 and numel > CHUNK_ELEMENTS:
@@ -426,7 +436,7 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
             if u.raw:
                 result = _pass_raw(u.tp, tensors)
             elif u.kernel:
-                result = _run_kernel(u.tp, tensors, n_threads or os.cpu_count() or 1)
+                result = _run_kernel(u.tp, tensors, n_threads or os.cpu_count() or 1, fallback_seed)
             if result is None:
                 use_torch()
                 parts = [_as_torch(p) if isinstance(p, RawTensor) else p for p in tensors]

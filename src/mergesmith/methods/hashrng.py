@@ -38,6 +38,27 @@ def stream_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
 
 
+def torch_stream_seeds(seed: int, count: int) -> list[int]:
+    """The first `count` values `stream_seed` draws from a CPU torch.Generator seeded with `seed`, computed
+    without torch: that generator is a 32-bit-seeded mt19937, and each draw takes two of its outputs as
+    one 64-bit number, reduced modulo 2**63 - 1 (tests check this against torch)."""
+    state = [seed & 0xFFFFFFFF]
+    for i in range(1, 624):
+        prev = state[-1]
+        state.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
+    words: list[int] = []
+    while len(words) < 2 * count:
+        for i in range(624):  # the twist, then the tempered outputs of the new state
+            y = (state[i] & 0x80000000) | (state[(i + 1) % 624] & 0x7FFFFFFF)
+            state[i] = state[(i + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+        for y in state:
+            y ^= y >> 11
+            y ^= (y << 7) & 0x9D2C5680
+            y ^= (y << 15) & 0xEFC60000
+            words.append(y ^ (y >> 18))
+    return [((words[2 * i] << 32) | words[2 * i + 1]) % (2**63 - 1) for i in range(count)]
+
+
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns."""
     return (z >> bits) & ((1 << (64 - bits)) - 1)

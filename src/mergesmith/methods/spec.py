@@ -118,6 +118,7 @@ class ArrayInputs:
     per_model: tuple[Mapping[str, Any], ...]
     name: str = ""
     threads: int | None = None  # the kernel's thread count (None: torch's)
+    seed: int | None = None  # random methods: the seed their torch.Generator would get for this tensor
 
 
 MergeFn = Callable[[MergeInputs], "torch.Tensor"]

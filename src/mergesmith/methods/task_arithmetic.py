@@ -130,8 +130,8 @@ def register_row(row: TaskVectorMethod) -> MethodSpec:
             paper=row.paper,
             summary=row.summary,
             validate=row.validate,
-            fused=(lambda a, _row=row: task_vector_fast.ties_into(_row, a))
-            if row.sparsify is _magnitude
+            fused=(lambda a, _row=row: task_vector_fast.sparse_into(_row, a))
+            if row.sparsify in (_magnitude, _random) and row.sign_consensus
             else None,
         )
     )

@@ -221,7 +221,7 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
     """One pass over the output: every task vector is made, pruned and combined on the fly."""
     import numpy as np
 
-    n, bf16, block, mode, gen = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["gen"]
+    n, bf16, block, mode, next_seed = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["next_seed"]
     count = len(fts)
     kinds, thr, cut, bounds = (np.zeros(count, np.int64) for _ in range(4))
     seeds = np.zeros(count, np.uint64)
@@ -234,7 +234,7 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
                 kinds[i] = K.KEEP_MAGNITUDE
                 thr[i], cut[i] = _threshold(K, b, f, n, max(1, int(density * n)), bf16, block)
             continue
-        seed = hashrng.stream_seed(gen)
+        seed = next_seed()
         if density < 1:
             kinds[i], seeds[i], bounds[i] = K.KEEP_RANDOM, seed, hashrng.keep_threshold(density)
             if mode is not None:  # the norm pass records the keep decisions; the combine reads them back
@@ -302,19 +302,23 @@ def _in_dtype(x: float, dtype: str) -> float:
     return float(np.uint32(bits).view(np.float32))
 
 
-def ties_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
-    """TIES (magnitude pruning, sign election, no norm rescale) on numpy arrays in one kernel pass per
-    task vector plus the combine: the method's fused kernel, so a TIES merge needs no torch. False where
-    it does not apply (the torch code then runs)."""
+def sparse_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
+    """TIES and DARE-TIES on numpy arrays: each task vector pruned (by magnitude, or by the seeded random
+    stream) and combined with sign election in one fused pass, plus one pass per task vector for the
+    threshold or the norm rescale. The method's fused kernel, so these merges need no torch. False where
+    it does not apply (DARE's keep_prob rescale, no seed for a random method, ...): the torch code runs."""
     import numpy as np
 
     from mergesmith.methods import task_arithmetic as ta
 
     params = dict(a.params)
+    mode = ta._rescale(params)
+    kind = {ta._magnitude: "magnitude", ta._random: "random"}.get(row.sparsify)  # type: ignore[arg-type]
     if (
-        row.sparsify is not ta._magnitude
+        kind is None
         or not row.sign_consensus
-        or ta._rescale(params) is not None
+        or (kind == "magnitude" and mode is not None)
+        or (kind == "random" and (mode not in (None, "l1", "l2", "linf") or a.seed is None))
         or a.base_index is None
         or len(a.arrays) < 2
         or a.out.size == 0
@@ -325,14 +329,15 @@ def ties_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
     per = [dict(p) for i, p in enumerate(a.per_model) if i != a.base_index]
     weights = np.asarray([_in_dtype(float(p["weight"]), a.dtype) for p in per], dtype=np.float32)
     lam = float(params["lambda"])
+    seeds = iter(hashrng.torch_stream_seeds(a.seed, len(fts)) if kind == "random" else ())
 
     def launch(K: Any, block: int) -> None:
         ctx = {
             "n": b.size,
             "bf16": a.dtype == "bfloat16",
             "block": block,
-            "mode": None,
-            "gen": None,
+            "mode": mode,
+            "next_seed": seeds.__next__,
             # the weight total (last) only divides when there is no sign election
             "combine_args": (
                 weights,
@@ -344,7 +349,7 @@ def ties_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
             ),
             "out": a.out,
         }
-        _fused(K, "magnitude", b, fts, per, ctx)
+        _fused(K, kind, b, fts, per, ctx)
 
     return run_kernel(launch, b.size, a.threads)
 
@@ -373,7 +378,11 @@ def _run(
         "block": _block(n, threads),
         "threads": threads,
         "mode": mode,
-        "gen": generator_for(inputs.generator, torch.device("cpu")) if row.random else None,
+        "next_seed": functools.partial(
+            hashrng.stream_seed, generator_for(inputs.generator, torch.device("cpu"))
+        )
+        if row.random
+        else None,
         "combine_args": (
             weights_t.float().numpy(),
             row.sign_consensus,
@@ -406,7 +415,7 @@ def _two_pass(
     """Prune each task vector into memory, rescale it, then combine."""
     import numpy as np
 
-    n, bf16, block, mode, gen = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["gen"]
+    n, bf16, block, mode, next_seed = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["next_seed"]
     deltas = torch.empty((len(fts), *base.shape), dtype=base.dtype)
     for i, (f, mp) in enumerate(zip(fts, per)):
         density = float(mp["density"])
@@ -414,7 +423,7 @@ def _two_pass(
             sums = _magnitude(K, b, f, n, density, bf16, _np(deltas[i]), block)
             deltas[i] = _rescale(deltas[i], mode if density < 1 else None, sums, density)
             continue
-        seed = hashrng.stream_seed(gen)
+        seed = next_seed()
         work = torch.empty(base.shape, dtype=torch.float32)
         keep_prob = mode == "keep_prob"
         if density >= 1:
