@@ -171,7 +171,9 @@ def fused(name: str, tensors, params, base_index=None, threads=None, per=None, s
     out = torch.empty_like(tensors[0])
     arrays, view = task_vector_fast.tensor_arrays(list(tensors), out)
     dtype = str(out.dtype).removeprefix("torch.")
-    a = ArrayInputs(arrays, view, dtype, base_index, inputs.params, inputs.per_model, "w", threads, seed)
+    a = ArrayInputs(
+        arrays, view, dtype, base_index, inputs.params, inputs.per_model, "w", threads, seed, out.shape
+    )
     assert get(name).fused(a)
     return out
 
@@ -274,6 +276,30 @@ def test_dare_ties_kernel_on_arrays_matches_the_torch_path(merge, monkeypatch, d
         assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(300, 257), (7, 5), (70000,)])
+@pytest.mark.parametrize("mode", [None, "l1", "keep_prob"])
+@pytest.mark.parametrize("method", ["della", "dare_ties"])
+def test_two_pass_kernels_on_arrays_match_the_torch_path(
+    merge, monkeypatch, dtype, shape, mode, method
+) -> None:
+    tensors = family(6, 2, shape, dtype)
+    per = {"weight": [0.6, 0.5], "density": [0.4, 0.7]}
+    if method == "della":
+        per["epsilon"] = [0.1, 0.2]
+    params = {"rescale": mode is not None, "rescale_mode": mode or "l1"}
+    monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
+    slow = merge(method, tensors, params=params, per=per, seed=4)
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+    fast = fused(method, tensors, params, base_index=0, per=per, seed=4)
+    # float32: l1 norms are summed in float64, not in float32; a one-row della computes its keep
+    # probabilities in another order (the kernels of the torch-tensor path do the same)
+    if dtype == torch.float32 and (mode == "l1" or (method == "della" and len(shape) == 1)):
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-8)
+    else:
+        assert torch.equal(fast, slow)
+
+
 def test_torch_stream_seeds_are_what_a_torch_generator_draws() -> None:
     import random
 
@@ -297,16 +323,16 @@ def test_sparse_kernels_leave_what_they_do_not_cover_to_the_torch_code() -> None
     arrays, view = task_vector_fast.tensor_arrays(tensors, out)
     a = ArrayInputs(arrays, view, "float32", 0, inputs.params, inputs.per_model)
     assert not get("ties").fused(a) and not out.any()
-    keep_prob = build_inputs(
-        "dare_ties", tensors, 0, {"rescale": True, "rescale_mode": "keep_prob"}, per, None
+    wide = build_inputs(
+        "della", [t.reshape(8, 8, 64) for t in tensors], 0, {}, {**per, "epsilon": [0.1, 0.1]}
     )
-    a = ArrayInputs(arrays, view, "float32", 0, keep_prob.params, keep_prob.per_model, seed=3)
-    assert not get("dare_ties").fused(a) and not out.any()
+    a = ArrayInputs(arrays, view, "float32", 0, wide.params, wide.per_model, seed=3, shape=(8, 8, 64))
+    assert not get("della").fused(a) and not out.any()  # rows of a 3-d tensor: the torch code
     no_seed = build_inputs("dare_ties", tensors, 0, {}, per, None)
     assert not get("dare_ties").fused(
         ArrayInputs(arrays, view, "float32", 0, no_seed.params, no_seed.per_model)
     )
-    assert get("dare_linear").fused is None and get("della").fused is None
+    assert get("dare_linear").fused is None and get("della_linear").fused is None  # no sign election
 
 
 def test_linear_weight_total_without_torch_is_torchs() -> None:

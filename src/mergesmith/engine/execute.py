@@ -109,7 +109,7 @@ def _tensor_seed(tp: TensorPlan, fallback_seed: int) -> int:
 
 
 def _array_inputs(
-    tp: TensorPlan, arrays: Any, out: Any, threads: int | None, fallback_seed: int
+    tp: TensorPlan, arrays: Any, out: Any, threads: int | None, fallback_seed: int, shape: tuple[int, ...]
 ) -> ArrayInputs:
     return ArrayInputs(
         arrays=tuple(arrays),
@@ -121,6 +121,7 @@ def _array_inputs(
         name=tp.name,
         threads=threads,
         seed=_tensor_seed(tp, fallback_seed) if registry.get(tp.method).random else None,
+        shape=shape,
     )
 
 
@@ -131,7 +132,8 @@ def _run_kernel(tp: TensorPlan, parts: list[RawTensor], threads: int, fallback_s
     kind = np.uint16 if tp.compute_dtype == "bfloat16" else np.float32
     arrays = [np.frombuffer(p.data, dtype=kind) for p in parts]
     out = np.empty(arrays[0].size, dtype=kind)
-    if not registry.get(tp.method).fused(_array_inputs(tp, arrays, out, threads, fallback_seed)):
+    inputs = _array_inputs(tp, arrays, out, threads, fallback_seed, parts[0].shape)
+    if not registry.get(tp.method).fused(inputs):
         return None
     return RawTensor(tp.out_dtype, parts[0].shape, memoryview(out).cast("B"))
 
@@ -209,7 +211,7 @@ def _merge(
         if spec.fused is not None and device == "cpu" and all(t.dtype == compute for t in tensors):
             out = torch.empty(shape, dtype=compute)
             arrays = task_vector_fast.tensor_arrays(tensors, out)
-            if arrays is not None and spec.fused(_array_inputs(tp, *arrays, None, fallback_seed)):
+            if arrays is not None and spec.fused(_array_inputs(tp, *arrays, None, fallback_seed, shape)):
                 result = out
         if result is None:
             if spec.elementwise and len(tensors) > 1 and tensors[0].dim() > 0 and numel > CHUNK_ELEMENTS:

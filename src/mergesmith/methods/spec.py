@@ -119,6 +119,7 @@ class ArrayInputs:
     name: str = ""
     threads: int | None = None  # the kernel's thread count (None: torch's)
     seed: int | None = None  # random methods: the seed their torch.Generator would get for this tensor
+    shape: tuple[int, ...] = ()  # the output piece's shape (the arrays are flat)
 
 
 MergeFn = Callable[[MergeInputs], "torch.Tensor"]

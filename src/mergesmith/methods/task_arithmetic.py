@@ -131,7 +131,7 @@ def register_row(row: TaskVectorMethod) -> MethodSpec:
             summary=row.summary,
             validate=row.validate,
             fused=(lambda a, _row=row: task_vector_fast.sparse_into(_row, a))
-            if row.sparsify in (_magnitude, _random) and row.sign_consensus
+            if row.sparsify in (_magnitude, _random, _della) and row.sign_consensus
             else None,
         )
     )

@@ -274,10 +274,8 @@ def fast_combine(row: TaskVectorMethod, inputs: MergeInputs) -> torch.Tensor | N
         return None
     params = dict(inputs.params)
     per = [dict(p) for p in inputs.others_params]
-    if kind == "della":
-        for p in per:
-            if della_bounds_problem(float(p["density"]), float(p["epsilon"])):
-                return None  # the torch code raises the error
+    if kind == "della" and _della_refused(per):
+        return None  # the torch code raises the error
     state = inputs.generator.get_state() if inputs.generator is not None else None
     try:
         return _run(row, inputs, kind, per, params)
@@ -303,22 +301,25 @@ def _in_dtype(x: float, dtype: str) -> float:
 
 
 def sparse_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
-    """TIES and DARE-TIES on numpy arrays: each task vector pruned (by magnitude, or by the seeded random
-    stream) and combined with sign election in one fused pass, plus one pass per task vector for the
-    threshold or the norm rescale. The method's fused kernel, so these merges need no torch. False where
-    it does not apply (DARE's keep_prob rescale, no seed for a random method, ...): the torch code runs."""
+    """TIES, DARE-TIES and DELLA on numpy arrays: each task vector pruned (by magnitude, by the seeded
+    random stream, or by magnitude-ranked random dropping) and combined with sign election, in the same
+    passes as on torch tensors. The method's fused kernel, so these merges need no torch. False where it
+    does not apply (TIES with a norm rescale, no seed for a random method, ...): the torch code runs."""
     import numpy as np
 
     from mergesmith.methods import task_arithmetic as ta
 
     params = dict(a.params)
     mode = ta._rescale(params)
-    kind = {ta._magnitude: "magnitude", ta._random: "random"}.get(row.sparsify)  # type: ignore[arg-type]
+    kinds = {ta._magnitude: "magnitude", ta._random: "random", ta._della: "della"}
+    kind = kinds.get(row.sparsify)  # type: ignore[arg-type]
+    per = [dict(p) for i, p in enumerate(a.per_model) if i != a.base_index]
     if (
         kind is None
         or not row.sign_consensus
         or (kind == "magnitude" and mode is not None)
-        or (kind == "random" and (mode not in (None, "l1", "l2", "linf") or a.seed is None))
+        or (kind != "magnitude" and a.seed is None)
+        or (kind == "della" and (len(a.shape) > 2 or _della_refused(per)))
         or a.base_index is None
         or len(a.arrays) < 2
         or a.out.size == 0
@@ -326,16 +327,16 @@ def sparse_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
         return False
     b = a.arrays[a.base_index]
     fts = [x for i, x in enumerate(a.arrays) if i != a.base_index]
-    per = [dict(p) for i, p in enumerate(a.per_model) if i != a.base_index]
     weights = np.asarray([_in_dtype(float(p["weight"]), a.dtype) for p in per], dtype=np.float32)
     lam = float(params["lambda"])
-    seeds = iter(hashrng.torch_stream_seeds(a.seed, len(fts)) if kind == "random" else ())
+    seeds = iter(hashrng.torch_stream_seeds(a.seed, len(fts)) if kind != "magnitude" else ())  # type: ignore[arg-type]
 
     def launch(K: Any, block: int) -> None:
         ctx = {
             "n": b.size,
             "bf16": a.dtype == "bfloat16",
             "block": block,
+            "threads": _kernel_threads(a.threads),
             "mode": mode,
             "next_seed": seeds.__next__,
             # the weight total (last) only divides when there is no sign election
@@ -349,9 +350,22 @@ def sparse_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
             ),
             "out": a.out,
         }
-        _fused(K, kind, b, fts, per, ctx)
+        if _one_pass(kind, mode):
+            _fused(K, kind, b, fts, per, ctx)  # type: ignore[arg-type]
+        else:
+            _two_pass(K, kind, b, fts, per, ctx, a.shape)  # type: ignore[arg-type]
 
     return run_kernel(launch, b.size, a.threads)
+
+
+def _one_pass(kind: str, mode: str | None) -> bool:
+    """Whether the task vectors are pruned on the fly in the combine pass (else stored first)."""
+    return (kind == "magnitude" and mode is None) or (kind == "random" and mode in (None, "l1", "l2", "linf"))
+
+
+def _della_refused(per: list[dict[str, Any]]) -> bool:
+    """A density/epsilon pair the torch code refuses with an error (it runs, to raise it)."""
+    return any(della_bounds_problem(float(p["density"]), float(p["epsilon"])) for p in per)
 
 
 def _run(
@@ -396,10 +410,10 @@ def _run(
     b, fts = _np(tensors[0]), [_np(t) for t in tensors[1:]]
     out = torch.empty(base.shape, dtype=base.dtype)
     ctx["out"] = _np(out)
-    if (kind == "magnitude" and mode is None) or (kind == "random" and mode in (None, "l1", "l2", "linf")):
+    if _one_pass(kind, mode):
         _fused(K, kind, b, fts, per, ctx)
     else:
-        _two_pass(K, kind, b, fts, per, ctx, base)
+        _two_pass(K, kind, b, fts, per, ctx, tuple(base.shape))
     return out
 
 
@@ -410,31 +424,32 @@ def _two_pass(
     fts: list[Any],
     per: list[dict[str, Any]],
     ctx: dict[str, Any],
-    base: torch.Tensor,
+    shape: tuple[int, ...],
 ) -> None:
     """Prune each task vector into memory, rescale it, then combine."""
     import numpy as np
 
     n, bf16, block, mode, next_seed = ctx["n"], ctx["bf16"], ctx["block"], ctx["mode"], ctx["next_seed"]
-    deltas = torch.empty((len(fts), *base.shape), dtype=base.dtype)
+    deltas = np.empty((len(fts), n), dtype=b.dtype)
+    work = np.empty(n if kind != "magnitude" else 0, dtype=np.float32)  # one float32 buffer, reused
     for i, (f, mp) in enumerate(zip(fts, per)):
         density = float(mp["density"])
         if kind == "magnitude":
-            sums = _magnitude(K, b, f, n, density, bf16, _np(deltas[i]), block)
-            deltas[i] = _rescale(deltas[i], mode if density < 1 else None, sums, density)
+            sums = _magnitude(K, b, f, n, density, bf16, deltas[i], block)
+            pruned = _torch_view(deltas[i], bf16)
+            pruned.copy_(_rescale(pruned, mode if density < 1 else None, sums, density))
             continue
         seed = next_seed()
-        work = torch.empty(base.shape, dtype=torch.float32)
         keep_prob = mode == "keep_prob"
         if density >= 1:
-            sums = K.prune_random(b, f, seed, 1 << 32, 0.0, _np(work), block)
+            sums = K.prune_random(b, f, seed, 1 << 32, 0.0, work, block)
             mode_i = None
         elif kind == "random":
             bound = hashrng.keep_threshold(density)
-            sums = K.prune_random(b, f, seed, bound, density if keep_prob else 0.0, _np(work), block)
+            sums = K.prune_random(b, f, seed, bound, density if keep_prob else 0.0, work, block)
             mode_i = mode
         else:
-            rows = 1 if base.dim() < 2 else base.shape[0]
+            rows = 1 if len(shape) < 2 else shape[0]
             threads = ctx["threads"]
             width = n // rows
             eps = float(mp["epsilon"])
@@ -448,22 +463,18 @@ def _two_pass(
                 span,
                 seed,
                 keep_prob,
-                _np(work),
+                work,
                 16 if bf16 else 0,
                 max(1, rows // (8 * threads)),
             )
             mode_i = mode
         factor = _factor(sums, None if mode_i == "keep_prob" else mode_i)
-        K.scale_into(_np(work), np.float32(factor), _np(deltas[i]), block)
-        del work
-    K.combine(b, _np2(deltas), *ctx["combine_args"], ctx["out"], block)
+        K.scale_into(work, np.float32(factor), deltas[i], block)
+    K.combine(b, deltas, *ctx["combine_args"], ctx["out"], block)
 
 
-def _np2(t: torch.Tensor) -> Any:
-    """A (rows, -1) numpy view of a contiguous bfloat16 (uint16 bits) or float32 tensor."""
+def _torch_view(a: Any, bf16: bool) -> torch.Tensor:
+    """A tensor over numpy array `a` (bfloat16 from its uint16 bits)."""
     import numpy as np
 
-    flat = t.reshape(t.shape[0], -1)
-    if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if bf16 else torch.from_numpy(a)
