@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A tensor's stored bytes with its dtype name and shape: what a byte-for-byte copy carries from a
-    safetensors file to a shard, with no torch involved."""
+    """A tensor's bytes with its dtype name and shape, with no torch involved: how stored tensors reach a
+    fused kernel or go straight to a shard, and how a kernel's result reaches the writer."""
 
     dtype: str  # torch attribute name
     shape: tuple[int, ...]
