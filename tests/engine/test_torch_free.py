@@ -92,3 +92,32 @@ def test_a_random_methods_kernel_gets_the_seed_of_its_torch_generator(llama_fami
     cfg = f"merge_method: {name}\nmodels:\n  - model: {a}\n  - model: {b}\n"
     run_merge(cfg, tmp_path / "out", MergeOptions(quiet=True, random_seed=5))
     assert kernel_seeds == torch_seeds and len(set(torch_seeds.values())) == len(torch_seeds) > 10
+
+
+def test_a_kernel_failure_mid_merge_falls_back_to_torch(llama_family, tmp_path, monkeypatch, caplog):
+    """numba failing on the stored bytes: the unit (and every later one) is merged by the torch code, over
+    the same bytes, and the files are the torch path's."""
+    from numba.core.errors import TypingError
+
+    from mergesmith import MergeOptions, run_merge
+    from mergesmith.methods import numba_kernels, task_vector_fast
+
+    cfg = CONFIGS["ties"].format(base=llama_family["base"], a=llama_family["ft1"], b=llama_family["ft2"])
+    monkeypatch.setenv("MERGESMITH_KERNELS", "torch")
+    run_merge(cfg, tmp_path / "torch", MergeOptions(quiet=True))
+    monkeypatch.setenv("MERGESMITH_KERNELS", "")
+    calls = []
+    real = numba_kernels.combine_fused
+
+    def fails_on_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise TypingError("no implementation for this platform")
+        return real(*args)
+
+    monkeypatch.setattr(numba_kernels, "combine_fused", fails_on_the_third)
+    monkeypatch.setattr(task_vector_fast, "_BROKEN", None)  # restored after the test
+    run_merge(cfg, tmp_path / "fallback", MergeOptions(quiet=True))
+    assert len(calls) == 3 and "fused CPU kernels unavailable" in caplog.text
+    got, want = load_tensors(tmp_path / "fallback"), load_tensors(tmp_path / "torch")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

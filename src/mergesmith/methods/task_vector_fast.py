@@ -94,7 +94,9 @@ def _block(n: int, threads: int) -> int:
 
 def run_kernel(launch: Callable[[Any, int], None], n: int, threads: int | None = None) -> bool:
     """Run `launch(kernels_module, block)` over `n` elements on `threads` threads; False (after one warning
-    per process) when numba fails, so the caller uses the torch code."""
+    per process) when numba fails, now or earlier in this process, so the caller uses the torch code."""
+    if _BROKEN is not None:
+        return False
     from mergesmith.methods import numba_kernels as K
 
     try:
