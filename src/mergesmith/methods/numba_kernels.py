@@ -466,10 +466,11 @@ def combine(
 
 
 @sjit
-def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, block: int) -> Any:
-    """Per block: the norm sums of d and of d masked by stream(seed, j) < bound (see prune_random).
-    The keep decisions go to `mask` (one byte per entry), so the combining pass reads them instead of
-    hashing again."""
+def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, norm: int, block: int) -> Any:
+    """Per block: one norm of d and of d masked by stream(seed, j) < bound (see prune_random), in the
+    columns prune_random uses for it: norm 0 = L1 (columns 0, 1), 1 = L2 (2, 3), 2 = L-inf (4, 5); only
+    that norm is summed (a third less work than all three). The keep decisions go to `mask` (one byte
+    per entry), so the combining pass reads them instead of hashing again."""
     n = base.size
     nb = (n + block - 1) // block
     sums = np.zeros((nb, 6))
@@ -478,22 +479,28 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, block: int
         lo = c * block
         hi = min(n, lo + block)
         b, f, keep = base[lo:hi], ft[lo:hi], mask[lo:hi]
-        s0 = s1 = s2 = s3 = 0.0
-        m4 = m5 = u32(0)
-        for j in range(hi - lo):
-            d = delta(b, f, j)
-            kept = stream(seed, lo + j) < ubound
-            keep[j] = np.uint8(kept)
-            v = d if kept else f32(0.0)
-            a, w = np.float64(abs(d)), np.float64(abs(v))
-            s0 += a
-            s1 += w
-            s2 += a * a
-            s3 += w * w
-            m4 = max(m4, key(d))
-            m5 = max(m5, key(v))
-        sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
-        sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+        if norm == 2:
+            m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+            for j in range(hi - lo):
+                d = delta(b, f, j)
+                kept = stream(seed, lo + j) < ubound
+                keep[j] = np.uint8(kept)
+                k = key(d)
+                m4 = max(m4, k)
+                m5 = max(m5, k if kept else u32(0))
+            sums[c, 4], sums[c, 5] = f32_from_bits(m4), f32_from_bits(m5)
+        else:
+            s0 = s1 = 0.0
+            for j in range(hi - lo):
+                d = delta(b, f, j)
+                kept = stream(seed, lo + j) < ubound
+                keep[j] = np.uint8(kept)
+                a = np.float64(abs(d))
+                if norm == 1:
+                    a = a * a
+                s0 += a
+                s1 += a if kept else 0.0
+            sums[c, 2 * norm], sums[c, 2 * norm + 1] = s0, s1
     return sums
 
 

@@ -240,7 +240,8 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
         if density < 1:
             kinds[i], seeds[i], bounds[i] = K.KEEP_RANDOM, seed, hashrng.keep_threshold(density)
             if mode is not None:  # the norm pass records the keep decisions; the combine reads them back
-                sums = K.random_sums(b, f, seed, int(bounds[i]), masks[i], block)
+                norm = {"l1": 0, "l2": 1, "linf": 2}[mode]
+                sums = K.random_sums(b, f, seed, int(bounds[i]), masks[i], norm, block)
                 kinds[i], factors[i] = K.KEEP_MASKED, _factor(sums, mode)
     K.combine_fused(
         b, tuple(fts), kinds, thr, cut, seeds, bounds, masks, factors, *ctx["combine_args"], ctx["out"], block
