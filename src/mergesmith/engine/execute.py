@@ -138,16 +138,6 @@ def _run_kernel(tp: TensorPlan, parts: list[RawTensor], threads: int, fallback_s
     return RawTensor(tp.out_dtype, parts[0].shape, memoryview(out).cast("B"))
 
 
-def _as_torch(part: RawTensor) -> torch.Tensor:
-    """A tensor over the bytes (no copy)."""
-    import torch
-
-    dtype = getattr(torch, part.dtype)
-    if not part.data.nbytes:
-        return torch.empty(part.shape, dtype=dtype)
-    return torch.frombuffer(part.data, dtype=torch.uint8).view(dtype).view(part.shape)
-
-
 def _pass_raw(tp: TensorPlan, parts: list[RawTensor]) -> RawTensor:
     """A raw unit's output: its one source, or for a copy the first of several sources that must agree."""
     first = parts[0]
@@ -441,7 +431,7 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
                 result = _run_kernel(u.tp, tensors, n_threads or os.cpu_count() or 1, fallback_seed)
             if result is None:
                 use_torch()
-                parts = [_as_torch(p) if isinstance(p, RawTensor) else p for p in tensors]
+                parts = [p.to_torch() if isinstance(p, RawTensor) else p for p in tensors]
                 result = _merge(u.tp, parts, fallback_seed, opts.device, rows=(u.start, u.stop))
                 del parts
                 if result.device.type != "cpu":

@@ -29,6 +29,15 @@ class RawTensor:
     shape: tuple[int, ...]
     data: memoryview  # unsigned bytes, C order
 
+    def to_torch(self) -> torch.Tensor:
+        """A CPU tensor over these bytes (no copy; it keeps them, and a map, alive)."""
+        import torch
+
+        dtype = getattr(torch, self.dtype)
+        if not self.data.nbytes:
+            return torch.empty(self.shape, dtype=dtype)
+        return torch.frombuffer(self.data, dtype=torch.uint8).view(dtype).view(self.shape)
+
 
 class TensorReader(Protocol):
     def read(self, name: str) -> torch.Tensor: ...
@@ -110,8 +119,6 @@ class ModelReader:
 
     def read(self, name: str, rows: int | None = None) -> torch.Tensor:
         """The stored tensor `name` as a new CPU tensor; with `rows`, only its first rows are read."""
-        import torch
-
         info = self._info(name)
         if self.index.format == "pickle":
             with self._lock:
@@ -120,18 +127,13 @@ class ModelReader:
                     state = self._pickles[info.file] = load_pickle_state(info.file)
             t = state[name]
             return t if rows is None else t[:rows]
-        shape = info.shape if rows is None else (min(rows, info.shape[0]), *info.shape[1:])
-        return self._map(info.file, info.start, shape, getattr(torch, info.dtype))
+        return self.read_raw(name, None if rows is None else 0, rows).to_torch()
 
     def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (dim 0), reading only those bytes."""
-        import torch
-
-        info = self._info(name)
         if self.index.format == "pickle":
             return self.read(name)[start:stop]
-        offset, shape = _row_range(info, start, stop)
-        return self._map(info.file, offset, shape, getattr(torch, info.dtype))
+        return self.read_raw(name, start, stop).to_torch()
 
     def read_raw(self, name: str, start: int | None = None, stop: int | None = None) -> RawTensor:
         """The stored bytes of tensor `name` (of rows [start, stop) when given), without torch; safetensors
@@ -143,26 +145,11 @@ class ModelReader:
         nbytes = dtype_itemsize(info.dtype)
         for s in shape:
             nbytes *= s
-        if nbytes < MAP_MIN_BYTES:
+        if nbytes < MAP_MIN_BYTES:  # a map costs five system calls and a file descriptor: copy small ones
             buf = bytearray(nbytes)
             _read_exact(self._fd(info.file), memoryview(buf), offset, info.file)
             return RawTensor(info.dtype, shape, memoryview(buf))
         return RawTensor(info.dtype, shape, self._mapped(info.file, offset, nbytes))
-
-    def _map(self, path: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A tensor over the bytes at `offset` of `path`: a private mapping, prefaulted, freed with it."""
-        import torch
-
-        nbytes = dtype.itemsize
-        for s in shape:
-            nbytes *= s
-        if nbytes < MAP_MIN_BYTES:  # a map costs five system calls and a file descriptor: copy small ones
-            out = torch.empty(shape, dtype=dtype)
-            if nbytes:
-                _read_exact(self._fd(path), memoryview(out.view(-1).view(torch.uint8).numpy()), offset, path)
-            return out
-        flat = torch.frombuffer(self._mapped(path, offset, nbytes), dtype=torch.uint8)
-        return flat.view(dtype).view(shape)
 
     def _mapped(self, path: Path, offset: int, nbytes: int) -> memoryview:
         """The `nbytes` at `offset` of `path` as a private, prefaulted mapping, unmapped once the last view
