@@ -179,8 +179,8 @@ def _merge(
         gen = torch.Generator()
         gen.manual_seed(_tensor_seed(tp, fallback_seed))
 
-    def inputs_of(parts: list[torch.Tensor]) -> MergeInputs:
-        return MergeInputs(
+    def run(parts: list[torch.Tensor]) -> torch.Tensor:
+        inputs = MergeInputs(
             tensors=tuple(t.to(device=device, dtype=compute) for t in parts),
             base_index=tp.base_index,
             params=dict(tp.params),
@@ -188,9 +188,7 @@ def _merge(
             name=tp.name,
             generator=gen,
         )
-
-    def run(parts: list[torch.Tensor]) -> torch.Tensor:
-        return spec.fn(inputs_of(parts))
+        return spec.fn(inputs)
 
     # The expected shape of this piece: the whole tensor, or rows [start, stop) of it.
     shape = tp.shape if rows is None or not tp.shape else (rows[1] - rows[0], *tp.shape[1:])
