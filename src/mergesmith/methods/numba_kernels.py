@@ -401,6 +401,105 @@ def prune_della(
     return sums
 
 
+@jit
+def della_thresholds(width: int, low: Any, span: Any) -> Any:
+    """Per rank r of a row `width` long: the DELLA keep probability low + span * r / (width - 1), times
+    2**24, in float32 as `prune_della` rounds it (a 24-bit random value below it keeps the entry)."""
+    thr = np.empty(width, np.float32)
+    scale = f32(width - 1)
+    for r in range(width):
+        rn = f32(r) / scale if width > 1 else f32(0.5)
+        p = f32(low + rn * span)
+        thr[r] = p * f32(16777216.0)
+    return thr
+
+
+@sjit
+def della_mask(
+    base: Any,
+    ft: Any,
+    rows: int,
+    width: int,
+    thr: Any,
+    seed: int,
+    mask: Any,
+    norm: int,
+    key_shift: int,
+    block_rows: int,
+) -> Any:
+    """DELLA's keep decisions (those of `prune_della`) into `mask`, one byte per entry, and one norm of d
+    and of the kept d per row (norm as in `random_sums`; -1: none), for `combine_fused` to read back.
+
+    Per row: keys, then a counting sort over the non-zero keys whose rank pass decides each entry as it
+    goes (thr: `della_thresholds`). Exact zeros are marked dropped: kept or not, they add nothing. Rows
+    whose key range is too wide for the counters (float32) are ranked by `_row_ranks`."""
+    sums = np.zeros((rows, 6))
+    shift = u32(key_shift)
+    chunks = (rows + block_rows - 1) // block_rows
+    for c in prange(chunks):
+        keys = np.empty(width, np.uint32)
+        slot = np.empty(width, np.int32)
+        rv = np.empty(width, np.float32)
+        count = np.empty(32769, np.int32)
+        ranks = np.empty(width, np.int32)
+        order = np.empty(width, np.int64)
+        spare = np.empty(width, np.int64)
+        wide = np.empty(32768, np.int64)
+        for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
+            off = r * width
+            b, f, keep = base[off : off + width], ft[off : off + width], mask[off : off + width]
+            kmin, kmax = u32(0xFFFFFFFF), u32(0)
+            for i in range(width):
+                k = key(delta(b, f, i)) >> shift
+                keys[i] = k
+                kmin = min(kmin, k if k != 0 else u32(0xFFFFFFFF))
+                kmax = max(kmax, k)
+            for i in range(width):
+                rv[i] = f32(np.int32(stream(seed, off + i) >> u64(8)))
+            if kmax == 0:
+                keep[:] = 0
+            elif int(kmax - kmin) + 2 <= count.size:
+                # slot 0: the zeros (ranked first); slot k - kmin + 1: non-zero key k
+                span = int(kmax - kmin) + 2
+                for i in range(width):
+                    k = keys[i]
+                    slot[i] = np.int32(k - kmin + u32(1)) if k != 0 else np.int32(0)
+                count[:span] = 0
+                for i in range(width):
+                    count[slot[i]] += 1
+                total = np.int32(0)
+                for v in range(span):
+                    n_v = count[v]
+                    count[v] = total
+                    total += n_v
+                for i in range(width):
+                    v = slot[i]
+                    rk = count[v]
+                    count[v] = rk + 1
+                    keep[i] = np.uint8((rv[i] < thr[rk]) & (v != 0))
+            else:
+                _row_ranks(keys, ranks, wide, order, spare)
+                for i in range(width):
+                    keep[i] = np.uint8((rv[i] < thr[ranks[i]]) & (keys[i] != 0))
+            if norm == 2:
+                m4 = m5 = u32(0)
+                for i in range(width):
+                    k = keys[i]
+                    m4 = max(m4, k)
+                    m5 = max(m5, k if keep[i] else u32(0))
+                sums[r, 4], sums[r, 5] = f32_from_bits(m4 << shift), f32_from_bits(m5 << shift)
+            elif norm >= 0:
+                s0 = s1 = 0.0
+                for i in range(width):
+                    a = np.float64(f32_from_bits(keys[i] << shift))
+                    if norm == 1:
+                        a = a * a
+                    s0 += a
+                    s1 += a if keep[i] else 0.0
+                sums[r, 2 * norm], sums[r, 2 * norm + 1] = s0, s1
+    return sums
+
+
 @pjit
 def combine(
     base: Any,
@@ -530,8 +629,8 @@ def combine_fused(
     """`combine` with each task vector made on the fly from fts[i] - base, never stored.
 
     kinds[i]: KEEP_ALL; KEEP_MAGNITUDE (key > thr[i], or == thr[i] before index cut[i]); KEEP_RANDOM
-    (stream(seeds[i], j) < bounds[i]); KEEP_MASKED (the same decisions, as recorded by `random_sums`
-    in masks[i]). Kept entries are multiplied by factors[i] in float32 and rounded (DARE's norm
+    (stream(seeds[i], j) < bounds[i]); KEEP_MASKED (decisions recorded in masks[i] by `random_sums`
+    or `della_mask`). Kept entries are multiplied by factors[i] in float32 and rounded (DARE's norm
     rescale, as the torch code does it); dropped ones are 0.
     """
     n = base.size

@@ -227,8 +227,10 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
     count = len(fts)
     kinds, thr, cut, bounds = (np.zeros(count, np.int64) for _ in range(4))
     seeds = np.zeros(count, np.uint64)
-    masks = np.empty((count, n if kind == "random" and mode is not None else 1), np.uint8)
+    recorded = kind == "della" or (kind == "random" and mode is not None)
+    masks = np.empty((count, n if recorded else 1), np.uint8)
     factors = np.ones(count, np.float32)
+    norm = {None: -1, "l1": 0, "l2": 1, "linf": 2}[mode]
     for i, (f, mp) in enumerate(zip(fts, per)):
         density = float(mp["density"])
         if kind == "magnitude":
@@ -237,12 +239,31 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
                 thr[i], cut[i] = _threshold(K, b, f, n, max(1, int(density * n)), bf16, block)
             continue
         seed = next_seed()
-        if density < 1:
-            kinds[i], seeds[i], bounds[i] = K.KEEP_RANDOM, seed, hashrng.keep_threshold(density)
-            if mode is not None:  # the norm pass records the keep decisions; the combine reads them back
-                norm = {"l1": 0, "l2": 1, "linf": 2}[mode]
-                sums = K.random_sums(b, f, seed, int(bounds[i]), masks[i], norm, block)
-                kinds[i], factors[i] = K.KEEP_MASKED, _factor(sums, mode)
+        if density >= 1:
+            continue
+        if kind == "della":  # the ranking pass records the keep decisions; the combine reads them back
+            shape = ctx["shape"]
+            rows = 1 if len(shape) < 2 else shape[0]
+            eps = float(mp["epsilon"])
+            thresholds = K.della_thresholds(n // rows, np.float32(density - eps), np.float32(2 * eps))
+            sums = K.della_mask(
+                b,
+                f,
+                rows,
+                n // rows,
+                thresholds,
+                seed,
+                masks[i],
+                norm,
+                16 if bf16 else 0,
+                _rows_per_task(rows, ctx),
+            )
+            kinds[i], factors[i] = K.KEEP_MASKED, _factor(sums, mode)
+            continue
+        kinds[i], seeds[i], bounds[i] = K.KEEP_RANDOM, seed, hashrng.keep_threshold(density)
+        if mode is not None:  # the norm pass records the keep decisions; the combine reads them back
+            sums = K.random_sums(b, f, seed, int(bounds[i]), masks[i], norm, block)
+            kinds[i], factors[i] = K.KEEP_MASKED, _factor(sums, mode)
     K.combine_fused(
         b, tuple(fts), kinds, thr, cut, seeds, bounds, masks, factors, *ctx["combine_args"], ctx["out"], block
     )
@@ -352,18 +373,25 @@ def sparse_into(row: TaskVectorMethod, a: ArrayInputs) -> bool:
                 np.float32(1),
             ),
             "out": a.out,
+            "shape": a.shape,
         }
         if _one_pass(kind, mode):
             _fused(K, kind, b, fts, per, ctx)  # type: ignore[arg-type]
         else:
-            _two_pass(K, kind, b, fts, per, ctx, a.shape)  # type: ignore[arg-type]
+            _two_pass(K, kind, b, fts, per, ctx)  # type: ignore[arg-type]
 
     return run_kernel(launch, b.size, a.threads)
 
 
 def _one_pass(kind: str, mode: str | None) -> bool:
-    """Whether the task vectors are pruned on the fly in the combine pass (else stored first)."""
-    return (kind == "magnitude" and mode is None) or (kind == "random" and mode in (None, "l1", "l2", "linf"))
+    """Whether the task vectors are made in the combine pass (else pruned and stored first): always but for
+    a magnitude prune with a norm rescale and a per-entry keep_prob rescale."""
+    return (kind == "magnitude" and mode is None) or (kind != "magnitude" and mode != "keep_prob")
+
+
+def _rows_per_task(rows: int, ctx: dict[str, Any]) -> int:
+    """Rows a DELLA kernel task takes at a time: about eight tasks per thread, so they even out."""
+    return max(1, rows // (8 * ctx["threads"]))
 
 
 def _della_refused(per: list[dict[str, Any]]) -> bool:
@@ -412,11 +440,11 @@ def _run(
     tensors = [t.contiguous() for t in (base, *others)]  # kept alive while the kernels read them
     b, fts = _np(tensors[0]), [_np(t) for t in tensors[1:]]
     out = torch.empty(base.shape, dtype=base.dtype)
-    ctx["out"] = _np(out)
+    ctx["out"], ctx["shape"] = _np(out), tuple(base.shape)
     if _one_pass(kind, mode):
         _fused(K, kind, b, fts, per, ctx)
     else:
-        _two_pass(K, kind, b, fts, per, ctx, tuple(base.shape))
+        _two_pass(K, kind, b, fts, per, ctx)
     return out
 
 
@@ -427,7 +455,6 @@ def _two_pass(
     fts: list[Any],
     per: list[dict[str, Any]],
     ctx: dict[str, Any],
-    shape: tuple[int, ...],
 ) -> None:
     """Prune each task vector into memory, rescale it, then combine."""
     import numpy as np
@@ -452,8 +479,7 @@ def _two_pass(
             sums = K.prune_random(b, f, seed, bound, density if keep_prob else 0.0, work, block)
             mode_i = mode
         else:
-            rows = 1 if len(shape) < 2 else shape[0]
-            threads = ctx["threads"]
+            rows = 1 if len(ctx["shape"]) < 2 else ctx["shape"][0]
             width = n // rows
             eps = float(mp["epsilon"])
             low, span = np.float32(density - eps), np.float32(2 * eps)
@@ -468,7 +494,7 @@ def _two_pass(
                 keep_prob,
                 work,
                 16 if bf16 else 0,
-                max(1, rows // (8 * threads)),
+                _rows_per_task(rows, ctx),
             )
             mode_i = mode
         factor = _factor(sums, None if mode_i == "keep_prob" else mode_i)
