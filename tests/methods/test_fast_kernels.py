@@ -364,3 +364,30 @@ def test_linear_weight_total_without_torch_is_torchs() -> None:
     assert found > 1500  # up to three weights always, more when their sums are exact
     assert _torch_f32_sum([0.1, 0.2, 0.3, 0.4, 0.5]) is None  # five inexact weights: torch adds them
     assert _torch_f32_sum([1e39]) is None  # not a float32 number
+
+
+def test_bfloat16_rounding_matches_torch_on_special_values() -> None:
+    """The kernels' float32 -> bfloat16 rounding (a select for NaN, no branch) against torch's conversion:
+    ties to even, overflow to infinity, subnormals, signed zeros, NaNs with only low mantissa bits."""
+    import numba
+    import numpy as np
+
+    from mergesmith.methods import numba_kernels as K
+
+    @numba.njit
+    def round_all(x, out):  # type: ignore[no-untyped-def]
+        for j in range(x.size):
+            out[j] = K._round_bf16(x[j])
+
+    special = [0x7F800001, 0xFF800001, 0x7FC00000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x7F7F8000, 0x00000001]
+    special += [0x80000000, 0x00000000, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x007FFFFF, 0x00408000]
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(0, 2**32, (100_000,), generator=g, dtype=torch.int64).tolist()
+    bits = np.array(special + rand, dtype=np.uint32)
+    x = bits.view(np.float32)
+    out = np.empty_like(x)
+    round_all(x, out)
+    want = torch.from_numpy(x.copy()).to(torch.bfloat16).float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))

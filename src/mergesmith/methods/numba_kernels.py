@@ -78,11 +78,10 @@ def _load(a, j):  # type: ignore[no-untyped-def]  # numba compares these paramet
 
 @numba.njit
 def _round_bf16(f: Any) -> Any:
-    if f != f:
-        return f32_from_bits(u32(0x7FC00000))
+    # NaN (|bits| above infinity's) becomes the canonical NaN by a select, not a branch: loops stay vectorized.
     b = bits_from_f32(f32(f))
-    b = b + u32(0x7FFF) + ((b >> u32(16)) & u32(1))
-    return f32_from_bits(b & u32(0xFFFF0000))
+    r = (b + u32(0x7FFF) + ((b >> u32(16)) & u32(1))) & u32(0xFFFF0000)
+    return f32_from_bits(r if (b & u32(0x7FFFFFFF)) <= u32(0x7F800000) else u32(0x7FC00000))
 
 
 @overload(rnd)
@@ -403,14 +402,15 @@ def prune_della(
 
 @jit
 def della_thresholds(width: int, low: Any, span: Any) -> Any:
-    """Per rank r of a row `width` long: the DELLA keep probability low + span * r / (width - 1), times
-    2**24, in float32 as `prune_della` rounds it (a 24-bit random value below it keeps the entry)."""
-    thr = np.empty(width, np.float32)
+    """Per rank r of a row `width` long: the DELLA keep probability p = low + span * r / (width - 1) in
+    float32 as `prune_della` rounds it, as the integer t = ceil(p * 2**24). A 24-bit random value x
+    keeps the entry when x < p * 2**24, that is when x < t."""
+    thr = np.empty(width, np.int32)
     scale = f32(width - 1)
     for r in range(width):
         rn = f32(r) / scale if width > 1 else f32(0.5)
         p = f32(low + rn * span)
-        thr[r] = p * f32(16777216.0)
+        thr[r] = np.int32(np.ceil(p * f32(16777216.0)))
     return thr
 
 
@@ -431,15 +431,14 @@ def della_mask(
     and of the kept d per row (norm as in `random_sums`; -1: none), for `combine_fused` to read back.
 
     Per row: keys, then a counting sort over the non-zero keys whose rank pass decides each entry as it
-    goes (thr: `della_thresholds`). Exact zeros are marked dropped: kept or not, they add nothing. Rows
-    whose key range is too wide for the counters (float32) are ranked by `_row_ranks`."""
+    goes (thr: `della_thresholds`; the random value is made there too, with scalar 64-bit multiplies,
+    cheaper than vector ones on AVX2). Exact zeros are marked dropped: kept or not, they add nothing.
+    Rows whose key range is too wide for the counters (float32) are ranked by `_row_ranks`."""
     sums = np.zeros((rows, 6))
     shift = u32(key_shift)
     chunks = (rows + block_rows - 1) // block_rows
     for c in prange(chunks):
         keys = np.empty(width, np.uint32)
-        slot = np.empty(width, np.int32)
-        rv = np.empty(width, np.float32)
         count = np.empty(32769, np.int32)
         ranks = np.empty(width, np.int32)
         order = np.empty(width, np.int64)
@@ -454,33 +453,33 @@ def della_mask(
                 keys[i] = k
                 kmin = min(kmin, k if k != 0 else u32(0xFFFFFFFF))
                 kmax = max(kmax, k)
-            for i in range(width):
-                rv[i] = f32(np.int32(stream(seed, off + i) >> u64(8)))
             if kmax == 0:
                 keep[:] = 0
             elif int(kmax - kmin) + 2 <= count.size:
-                # slot 0: the zeros (ranked first); slot k - kmin + 1: non-zero key k
+                # counter 0: the zeros (ranked first); counter k - kmin + 1: non-zero key k
                 span = int(kmax - kmin) + 2
-                for i in range(width):
-                    k = keys[i]
-                    slot[i] = np.int32(k - kmin + u32(1)) if k != 0 else np.int32(0)
+                first = kmin - u32(1)
                 count[:span] = 0
                 for i in range(width):
-                    count[slot[i]] += 1
+                    k = keys[i]
+                    count[(k - first) if k != 0 else u32(0)] += 1
                 total = np.int32(0)
                 for v in range(span):
                     n_v = count[v]
                     count[v] = total
                     total += n_v
                 for i in range(width):
-                    v = slot[i]
+                    k = keys[i]
+                    v = (k - first) if k != 0 else u32(0)
                     rk = count[v]
                     count[v] = rk + 1
-                    keep[i] = np.uint8((rv[i] < thr[rk]) & (v != 0))
+                    x = np.int32(stream(seed, off + i) >> u64(8))
+                    keep[i] = np.uint8((x < thr[rk]) & (k != 0))
             else:
                 _row_ranks(keys, ranks, wide, order, spare)
                 for i in range(width):
-                    keep[i] = np.uint8((rv[i] < thr[ranks[i]]) & (keys[i] != 0))
+                    x = np.int32(stream(seed, off + i) >> u64(8))
+                    keep[i] = np.uint8((x < thr[ranks[i]]) & (keys[i] != 0))
             if norm == 2:
                 m4 = m5 = u32(0)
                 for i in range(width):
