@@ -447,18 +447,19 @@ def della_mask(
         for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
             off = r * width
             b, f, keep = base[off : off + width], ft[off : off + width], mask[off : off + width]
-            kmin, kmax = u32(0xFFFFFFFF), u32(0)
             for i in range(width):
-                k = key(delta(b, f, i)) >> shift
-                keys[i] = k
-                kmin = min(kmin, k if k != 0 else u32(0xFFFFFFFF))
+                keys[i] = key(delta(b, f, i)) >> shift
+            kmin, kmax = np.int32(0x7FFFFFFF), np.int32(0)  # keys are below 2**31; int32 min/max vectorize
+            for i in range(width):
+                k = np.int32(keys[i])
+                kmin = min(kmin, k if k != 0 else np.int32(0x7FFFFFFF))
                 kmax = max(kmax, k)
             if kmax == 0:
                 keep[:] = 0
             elif int(kmax - kmin) + 2 <= count.size:
                 # counter 0: the zeros (ranked first); counter k - kmin + 1: non-zero key k
                 span = int(kmax - kmin) + 2
-                first = kmin - u32(1)
+                first = u32(kmin - 1)
                 count[:span] = 0
                 for i in range(width):
                     k = keys[i]
