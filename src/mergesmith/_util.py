@@ -140,13 +140,14 @@ def keep_freed_memory_in_heap() -> bool:
         return False
 
 
-def reserve_file_space(fd: int, nbytes: int) -> None:
+def reserve_file_space(fd: int, nbytes: int) -> bool:
     """Reserve disk blocks for the first `nbytes` of a file about to be written (Linux fallocate with
-    FALLOC_FL_KEEP_SIZE: the file's size still grows only as bytes are written).
+    FALLOC_FL_KEEP_SIZE: the file's size still grows only as bytes are written). True when the blocks
+    are reserved, so writes there cannot run out of space.
 
     One extent allocation up front instead of thousands of small delayed ones makes the writes cheaper
     on ext4/xfs, and a full disk fails here, before the work. Filesystems without fallocate are left
-    alone. Raises OSError (ENOSPC, EDQUOT, EFBIG) when the space cannot be had.
+    alone (False). Raises OSError (ENOSPC, EDQUOT, EFBIG) when the space cannot be had.
     """
     import ctypes
     import errno
@@ -154,12 +155,14 @@ def reserve_file_space(fd: int, nbytes: int) -> None:
 
     libc = _libc()
     if nbytes <= 0 or libc is None:
-        return
+        return False
     keep_size = 1
     if libc.fallocate(fd, keep_size, 0, nbytes) != 0:
         err = ctypes.get_errno()
         if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise OSError(err, os.strerror(err))
+        return False
+    return True
 
 
 @functools.cache

@@ -58,7 +58,9 @@ def test_fused_kernels_write_the_same_files(wide_models, tmp_path, monkeypatch, 
     from mergesmith.methods import numba_kernels
 
     used = []
-    kernel = {"slerp": "lerp_into", "linear": "weighted_sum", "della": "della_mask"}.get(method, "combine_fused")
+    kernel = {"slerp": "lerp_into", "linear": "weighted_sum", "della": "della_mask"}.get(
+        method, "combine_fused"
+    )
     real_kernel = getattr(numba_kernels, kernel)
     monkeypatch.setattr(numba_kernels, kernel, lambda *a: used.append(True) or real_kernel(*a))
     opts = MergeOptions(quiet=True, random_seed=11)

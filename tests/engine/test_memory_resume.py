@@ -106,8 +106,29 @@ SLOW_PLUGIN = textwrap.dedent(
 )
 
 
-def _slow_run(tmp_path: Path, a: Path, b: Path, *extra: str, quiet: bool = True) -> subprocess.Popen:
-    (tmp_path / "slow_plugin.py").write_text(SLOW_PLUGIN)
+SLOW_KERNEL_PLUGIN = textwrap.dedent(
+    """
+    import time
+
+    from mergesmith.methods import linear, register
+    from mergesmith.methods.spec import Param
+
+
+    def slow_fused(a):
+        time.sleep(0.08)
+        return linear._linear_fused(a)
+
+
+    params = (Param("weight", float, "per_model", 1.0), Param("normalize", bool, "global", True))
+    register("slow_linear", params=params, elementwise=True, fused=slow_fused)(linear.linear)
+    """
+)
+
+
+def _slow_run(
+    tmp_path: Path, a: Path, b: Path, *extra: str, quiet: bool = True, plugin: str = SLOW_PLUGIN
+) -> subprocess.Popen:
+    (tmp_path / "slow_plugin.py").write_text(plugin)
     cfg = tmp_path / "slow.yml"
     cfg.write_text(f"merge_method: slow_linear\nmodels:\n  - model: {a}\n  - model: {b}\n")
     cmd = [sys.executable, "-m", "mergesmith", "yaml", str(cfg), "out", "--method-plugin", "slow_plugin.py"]
@@ -125,16 +146,19 @@ def _journal_lines(tmp_path: Path) -> int:
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
-def test_killed_merge_resumes_to_identical_output(llama_family, tmp_path):
+@pytest.mark.parametrize("plugin", [SLOW_PLUGIN, SLOW_KERNEL_PLUGIN], ids=["torch", "kernel-in-place"])
+def test_killed_merge_resumes_to_identical_output(llama_family, tmp_path, plugin):
+    """Killed mid-way and resumed, the merge gives a clean run's bytes: with torch results written to the
+    shards, and with a fused kernel computing straight into the shard files (mapped, see claim)."""
     a, b = llama_family["ft1"], llama_family["ft2"]
     clean = tmp_path / "clean"
     clean.mkdir()
-    done = _slow_run(clean, a, b)
+    done = _slow_run(clean, a, b, plugin=plugin)
     assert done.wait(timeout=120) == 0, done.communicate()[1]
 
     work = tmp_path / "work"
     work.mkdir()
-    proc = _slow_run(work, a, b)
+    proc = _slow_run(work, a, b, plugin=plugin)
     deadline = time.monotonic() + 60
     while _journal_lines(work) < 3 and time.monotonic() < deadline:  # header + at least two shards
         time.sleep(0.02)
@@ -144,7 +168,7 @@ def test_killed_merge_resumes_to_identical_output(llama_family, tmp_path):
     partial = list(work.glob(".out.mergesmith-tmp-*"))
     assert len(partial) == 1
     # corrupt nothing; resume with the same command plus --resume
-    again = _slow_run(work, a, b, "--resume", quiet=False)
+    again = _slow_run(work, a, b, "--resume", quiet=False, plugin=plugin)
     _, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
     assert "already complete and verified" in err
@@ -165,7 +189,7 @@ def test_resume_rejects_corrupt_shard_and_rewrites_it(llama_family, tmp_path, mo
     original = write_mod.ShardWriter._close_shard
 
     def interrupt_after_three(self):
-        was_open = self._fh is not None
+        was_open = self._shard in self._open
         original(self)
         calls["n"] += was_open
         if calls["n"] == 3:

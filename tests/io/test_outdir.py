@@ -276,19 +276,19 @@ def test_writer_failure_midway_leaves_no_output(llama_family, tmp_path, monkeypa
 
 def test_disk_error_inside_the_writer_is_an_output_error(llama_family, tmp_path, monkeypatch):
     """A real OSError from the file (e.g. disk full) surfaces as OutputError, so the CLI says 'error:'."""
-    import builtins
+    import os
 
-    real_open = builtins.open
+    real_open = os.open
     opened = {"n": 0}
 
-    def fake_open(file, mode="r", *args, **kwargs):
-        if "w" in mode and str(file).endswith(".safetensors"):
+    def fake_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and str(path).endswith(".safetensors"):
             opened["n"] += 1
             if opened["n"] > 2:
                 raise OSError(28, "No space left on device")
-        return real_open(file, mode, *args, **kwargs)
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="cannot write .*model-00003-of-.*No space left on device"):
         run_merge(passthrough_cfg(llama_family["base"]), out, MergeOptions(quiet=True, out_shard_size="100K"))

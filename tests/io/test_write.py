@@ -215,7 +215,7 @@ def test_abort_closes_files_and_refuses_later_writes(tmp_path):
     writer.write("x", t["x"])
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     writer.abort()
-    assert writer._fh is None
+    assert not writer._open
     with pytest.raises(OutputError, match="after the write was aborted"):
         writer.write("y", t["y"])
     with pytest.raises(OutputError, match="aborted"):
@@ -291,4 +291,83 @@ def test_a_full_disk_fails_when_the_shard_opens_with_a_clear_error(tmp_path: Pat
     name, first = next(iter(tensors.items()))
     with pytest.raises(OutputError, match="No space left on device.*the shard needs"):
         writer.write(name, first)
+    writer.abort()
+
+
+def _can_reserve(directory: Path) -> bool:
+    from mergesmith._util import reserve_file_space
+
+    probe = directory / "probe.bin"
+    with open(probe, "wb") as fh:
+        ok = reserve_file_space(fh.fileno(), 1 << 16)
+    probe.unlink()
+    return ok
+
+
+def test_claimed_regions_give_the_same_shards_as_writes(tmp_path: Path) -> None:
+    """A producer computing straight into claimed regions of the shard files (whole tensors, and a tensor
+    in two row ranges) gives the files and hashes plain writes give."""
+    import numpy as np
+
+    from mergesmith.io.read import RawTensor
+
+    if not _can_reserve(tmp_path):
+        pytest.skip("this filesystem cannot reserve blocks, so the writer never maps shards here")
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "a": torch.randn(6, 5, generator=g),
+        "b": torch.randn(9, 4, generator=g).bfloat16(),
+        "c": torch.randn(3, generator=g),
+        "d": torch.randn(4000, 3, generator=g),  # spans pages, starts mid-page
+    }
+    shards = layout_shards(entries_of(tensors), 200)  # several shards
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "claimed").mkdir()
+    plain = ShardWriter(tmp_path / "plain", shards)
+    claimed = ShardWriter(tmp_path / "claimed", shards)
+    for name, t in tensors.items():
+        plain.write(name, t)
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy()
+        pieces = [(0, t.shape[0])] if name != "d" else [(0, 1234), (1234, 4000)]
+        for start, stop in pieces:
+            row = raw.size // t.shape[0]
+            place = claimed.claim(name, start, (stop - start) * row)
+            assert place is not None
+            np.frombuffer(place, dtype=np.uint8)[:] = raw[start * row : stop * row]
+            dtype = str(t.dtype).removeprefix("torch.")
+            claimed.write(name, RawTensor(dtype, (stop - start, *t.shape[1:]), place, in_place=True))
+    plain.finish()
+    claimed.finish()
+    assert claimed.hashes == plain.hashes
+    for s in shards:
+        assert (tmp_path / "claimed" / s.filename).read_bytes() == (
+            tmp_path / "plain" / s.filename
+        ).read_bytes()
+
+
+def test_no_claims_where_blocks_cannot_be_reserved(tmp_path: Path, monkeypatch) -> None:
+    """Without reserved blocks a full disk would show only as a crash while writing through a map: the
+    writer hands out no region and the producer's own buffer is written as usual."""
+    from mergesmith import _util
+
+    monkeypatch.setattr(_util, "_libc", lambda: None)
+    tensors = sample_tensors()
+    writer = ShardWriter(tmp_path, layout_shards(entries_of(tensors), 10**9))
+    assert writer.claim("a.weight", 0, 84) is None
+    for k, v in tensors.items():
+        writer.write(k, v)
+    writer.finish()
+    with safe_open(str(next(tmp_path.glob("*.safetensors"))), framework="pt") as h:
+        for k, v in tensors.items():
+            assert torch.equal(h.get_tensor(k), v), k
+
+
+def test_an_in_place_buffer_must_have_been_claimed(tmp_path: Path) -> None:
+    from mergesmith.io.read import RawTensor
+
+    tensors = {"a": torch.ones(4, 4)}
+    writer = ShardWriter(tmp_path, layout_shards(entries_of(tensors), 10**9))
+    fake = memoryview(bytearray(64))
+    with pytest.raises(OutputError, match="not claimed"):
+        writer.write("a", RawTensor("float32", (4, 4), fake, in_place=True))
     writer.abort()

@@ -3,6 +3,7 @@ a writer thread streams results into shards. Queues are bounded, so memory holds
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -10,6 +11,7 @@ import queue
 import random
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,17 +127,26 @@ def _array_inputs(
     )
 
 
-def _run_kernel(tp: TensorPlan, parts: list[RawTensor], threads: int, fallback_seed: int) -> RawTensor | None:
-    """The method's fused kernel over the stored bytes, into a new buffer; None when it declines."""
+def _run_kernel(
+    tp: TensorPlan,
+    parts: list[RawTensor],
+    threads: int,
+    fallback_seed: int,
+    claim: Callable[[int], memoryview | None] = lambda nbytes: None,
+) -> RawTensor | None:
+    """The method's fused kernel over the stored bytes, straight into the output's place in its shard when
+    `claim` can map it (else into a new buffer); None when the kernel declines."""
     import numpy as np
 
     kind = np.uint16 if tp.compute_dtype == "bfloat16" else np.float32
     arrays = [np.frombuffer(p.data, dtype=kind) for p in parts]
-    out = np.empty(arrays[0].size, dtype=kind)
+    nbytes = arrays[0].nbytes
+    place = claim(nbytes) if nbytes else None
+    out = np.frombuffer(place, dtype=kind) if place is not None else np.empty(arrays[0].size, dtype=kind)
     inputs = _array_inputs(tp, arrays, out, threads, fallback_seed, parts[0].shape)
     if not registry.get(tp.method).fused(inputs):
         return None
-    return RawTensor(tp.out_dtype, parts[0].shape, memoryview(out).cast("B"))
+    return RawTensor(tp.out_dtype, parts[0].shape, memoryview(out).cast("B"), in_place=place is not None)
 
 
 def _pass_raw(tp: TensorPlan, parts: list[RawTensor]) -> RawTensor:
@@ -426,7 +437,13 @@ def _execute(plan: MergePlan, writer: ShardWriter, opts: ExecOptions) -> float:
             if u.raw:
                 result = _pass_raw(u.tp, tensors)
             elif u.kernel:
-                result = _run_kernel(u.tp, tensors, n_threads or os.cpu_count() or 1, fallback_seed)
+                result = _run_kernel(
+                    u.tp,
+                    tensors,
+                    n_threads or os.cpu_count() or 1,
+                    fallback_seed,
+                    functools.partial(writer.claim, u.tp.name, u.start),
+                )
             if result is None:
                 use_torch()
                 parts = [p.to_torch() if isinstance(p, RawTensor) else p for p in tensors]

@@ -28,6 +28,9 @@ class RawTensor:
     dtype: str  # torch attribute name
     shape: tuple[int, ...]
     data: memoryview  # unsigned bytes, C order
+    in_place: bool = (
+        False  # data is a region of an output shard claimed from the writer (see ShardWriter.claim)
+    )
 
     def to_torch(self) -> torch.Tensor:
         """A CPU tensor over these bytes (no copy; it keeps them, and a map, alive)."""

@@ -3,14 +3,16 @@ so each tensor goes straight to its offset in the file and no shard is ever held
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING
 
 from mergesmith._util import ST_DTYPES, human_bytes, reserve_file_space
 from mergesmith.errors import OutputError
@@ -122,11 +124,33 @@ class _OverlappedHash:
         return self._sha.hexdigest()
 
 
+@dataclass
+class _OpenShard:
+    fd: int
+    hash: _OverlappedHash
+    mappable: bool  # its blocks are reserved and the file has its final size: regions may be mapped
+
+
+def _write_at(fd: int, data: memoryview, pos: int) -> None:
+    """All of `data` at byte `pos` of the file (a large write may be done in parts)."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while view.nbytes:
+        if hasattr(os, "pwrite"):
+            n = os.pwrite(fd, view, pos)
+        else:  # every write of a shard holds the writer's lock, so seek-then-write cannot interleave
+            os.lseek(fd, pos, os.SEEK_SET)
+            n = os.write(fd, view)
+        view, pos = view[n:], pos + n
+
+
 class ShardWriter:
     """Writes tensors in layout order, whole or as consecutive row chunks; opens each shard when its first
     bytes arrive, hashes it (sha256) as it goes and reports each completed shard to `on_shard_done`.
 
-    `start_shard` skips shards already completed by an interrupted run (resume)."""
+    A producer may instead `claim` a tensor's (or rows') place in its shard as a writable buffer mapped on
+    the file and compute straight into it; it then hands that buffer over as a RawTensor with
+    `in_place=True`, which is hashed in its turn but not copied. `start_shard` skips shards already
+    completed by an interrupted run (resume)."""
 
     def __init__(
         self,
@@ -140,16 +164,25 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.shards = shards
         self._order = [(si, e) for si, s in enumerate(shards) for e in s.entries]
+        self._place: dict[str, tuple[int, int, OutEntry]] = {}  # tensor -> (shard, offset of its data, entry)
+        for si, s in enumerate(shards):
+            pos = len(s.header())
+            for e in s.entries:
+                self._place[e.name] = (si, pos, e)
+                pos += e.nbytes
         self._next = sum(len(s.entries) for s in shards[:start_shard])
-        self._fh: BinaryIO | None = None
-        self._hash: Any = None
+        self._open: dict[int, _OpenShard] = {}
         self._shard = -1
         self._entry_done = 0  # bytes of the current entry written so far (row-chunked writes)
+        self._claims: dict[tuple[str, int], int] = {}  # (tensor, file offset) -> bytes handed out by claim
         self.bytes_written = 0
         self.hashes: dict[str, str] = dict(done_hashes or {})
         self._on_shard_done = on_shard_done
         # write() and abort() may run on different threads: once abort() returns, no file is touched again.
         self._lock = threading.Lock()
+        # The open files and the claims, also used by claim() from the producer's thread: held only briefly,
+        # so a claim never waits for a write (or its hash) in progress.
+        self._files = threading.Lock()
         self._aborted = False
 
     @property
@@ -157,10 +190,72 @@ class ShardWriter:
         """Names of the tensors fully written so far (including those of skipped, completed shards)."""
         return {e.name for _, e in self._order[: self._next]}
 
+    def claim(self, name: str, start_row: int, nbytes: int) -> memoryview | None:
+        """A writable buffer mapped on the shard file where `nbytes` of tensor `name` starting at row
+        `start_row` go, or None where mapping is not possible (the filesystem could not reserve the
+        shard's blocks, so a full disk would only show as a crash while writing through the map): the
+        caller then makes its own buffer and the bytes are written as usual."""
+        import mmap
+
+        with self._files:
+            if self._aborted or name not in self._place or nbytes <= 0:
+                return None
+            si, start, entry = self._place[name]
+            rows = entry.shape[0] if entry.shape else 1
+            pos = start + start_row * (entry.nbytes // max(1, rows))
+            if si < self._shard or pos + nbytes > start + entry.nbytes:
+                return None
+            try:
+                shard = self._opened(si)
+            except OutputError:
+                return None  # the write of this tensor reports it
+            if not shard.mappable:
+                return None
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            region = mmap.mmap(shard.fd, pos + nbytes - base, offset=base)
+            populate_write = getattr(
+                mmap, "MADV_POPULATE_WRITE", None
+            )  # Linux 5.14+: one fault for all pages
+            if populate_write is not None:
+                try:
+                    region.madvise(populate_write)
+                except OSError:
+                    pass
+            self._claims[(name, pos)] = nbytes
+            return memoryview(region)[pos - base :]
+
     def write(self, name: str, tensor: torch.Tensor | RawTensor) -> None:
         """Append the next tensor, or the next rows of it; it must be what the layout expects next."""
         with self._lock:
             self._write(name, tensor)
+
+    def _opened(self, si: int) -> _OpenShard:
+        """Shard si's open file, created on first use: header written, blocks reserved, hash started.
+        Called with `_files` held."""
+        if si in self._open:
+            return self._open[si]
+        path = self.out_dir / self.shards[si].filename
+        header = self.shards[si].header()
+        size = len(header) + self.shards[si].data_bytes
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            reserved = reserve_file_space(fd, size)
+            if reserved:
+                os.ftruncate(fd, size)  # mapped regions must lie inside the file
+            _write_at(fd, memoryview(header), 0)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputError(
+                    f"cannot write {path}: {exc.strerror} (the shard needs {human_bytes(size)}); "
+                    "free some space or choose another output directory"
+                ) from None
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self._open[si] = _OpenShard(fd, _OverlappedHash(header), reserved)
+        return self._open[si]
 
     def _write(self, name: str, tensor: torch.Tensor | RawTensor) -> None:
         if self._aborted:
@@ -180,28 +275,23 @@ class ShardWriter:
             raise OutputError(
                 f"tensor {name!r} came out as {shape} {dtype}, planned {entry.shape} {entry.dtype}"
             )
-        path = self.out_dir / self.shards[si].filename
+        pos = self._place[name][1] + self._entry_done
+        in_place = isinstance(tensor, RawTensor) and tensor.in_place
+        with self._files:  # (a claim whose producer then wrote a buffer of its own is dropped here too)
+            if self._claims.pop((name, pos), None) != nbytes and in_place:
+                raise OutputError(f"tensor {name!r} came in a buffer that was not claimed for its place")
         try:
             if si != self._shard:
                 self._close_shard()
                 self._shard = si
-                self._fh = open(path, "wb")
-                header = self.shards[si].header()
-                size = len(header) + self.shards[si].data_bytes
-                try:
-                    reserve_file_space(self._fh.fileno(), size)
-                except OSError as exc:
-                    raise OutputError(
-                        f"cannot write {path}: {exc.strerror} (the shard needs {human_bytes(size)}); "
-                        "free some space or choose another output directory"
-                    ) from None
-                self._hash = _OverlappedHash(header)
-                self._fh.write(header)
-            assert self._fh is not None
+            with self._files:
+                shard = self._opened(si)
             if nbytes:
-                self._hash.update(data)
-                self._fh.write(data)
+                shard.hash.update(data)
+                if not in_place:
+                    _write_at(shard.fd, data, pos)
         except OSError as exc:  # disk full, quota, directory removed: an output problem, not a bug
+            path = self.out_dir / self.shards[si].filename
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         self._entry_done += nbytes
         self.bytes_written += nbytes
@@ -212,14 +302,15 @@ class ShardWriter:
                 self._close_shard()
 
     def _close_shard(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-            shard = self.shards[self._shard]
-            digest = self._hash.hexdigest()
-            self.hashes[shard.filename] = digest
+        with self._files:
+            shard = self._open.pop(self._shard, None)
+        if shard is not None:
+            os.close(shard.fd)
+            spec = self.shards[self._shard]
+            digest = shard.hash.hexdigest()
+            self.hashes[spec.filename] = digest
             if self._on_shard_done is not None and not self._aborted:
-                self._on_shard_done(shard.filename, digest, tuple(e.name for e in shard.entries))
+                self._on_shard_done(spec.filename, digest, tuple(e.name for e in spec.entries))
 
     def finish(self) -> None:
         """Close the last shard and write the index; every planned tensor must have been written."""
@@ -237,8 +328,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close any open shard and refuse further writes (the caller deletes the directory)."""
-        with self._lock:
+        with self._lock, self._files:
             self._aborted = True
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            for shard in self._open.values():
+                os.close(shard.fd)
+            self._open.clear()
