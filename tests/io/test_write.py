@@ -371,3 +371,20 @@ def test_an_in_place_buffer_must_have_been_claimed(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="not claimed"):
         writer.write("a", RawTensor("float32", (4, 4), fake, in_place=True))
     writer.abort()
+
+
+def test_a_finished_shard_is_never_claimed_again(tmp_path: Path) -> None:
+    """Claiming into a shard already completed (by this run, or by the run a resume continues) would
+    reopen and empty it: the writer refuses."""
+    tensors = {"a": torch.ones(8, 8), "b": torch.zeros(8, 8), "c": torch.full((8, 8), 2.0)}
+    shards = layout_shards(entries_of(tensors), 256)  # one shard per tensor
+    writer = ShardWriter(tmp_path, shards)
+    writer.write("a", tensors["a"])
+    first = (tmp_path / shards[0].filename).read_bytes()
+    assert writer.claim("a", 0, 256) is None
+    assert (tmp_path / shards[0].filename).read_bytes() == first
+    (tmp_path / "r").mkdir()
+    resumed = ShardWriter(tmp_path / "r", shards, start_shard=2)
+    assert resumed.claim("a", 0, 256) is None and resumed.claim("b", 0, 256) is None
+    assert not list((tmp_path / "r").iterdir())  # nothing opened, nothing emptied
+    writer.abort()
