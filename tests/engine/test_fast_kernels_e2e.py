@@ -93,3 +93,37 @@ def test_fused_kernels_write_the_same_files(wide_models, tmp_path, monkeypatch, 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
     logits = model(torch.tensor([[1, 5, 9]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "linear"])
+def test_kernels_write_into_the_shards_only_when_they_use_every_core(
+    wide_models, tmp_path, monkeypatch, method
+):
+    """Whole-tensor kernels (every core) compute into regions mapped on the shard files; an elementwise
+    merge, which leaves a core to the reader and writer, lets the writer copy its results instead."""
+    import os
+
+    from mergesmith.io.write import ShardWriter
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("with one core every kernel uses every core")
+    claims = []
+    real = ShardWriter.claim
+
+    def spy(self, name, start_row, nbytes):
+        place = real(self, name, start_row, nbytes)
+        claims.append(place is not None)
+        return place
+
+    monkeypatch.setattr(ShardWriter, "claim", spy)
+    run_merge(config(method, *wide_models), tmp_path / "out", MergeOptions(quiet=True, random_seed=3))
+    if method == "linear":
+        assert claims == []
+        return
+    from mergesmith._util import reserve_file_space
+
+    with open(tmp_path / "probe", "wb") as fh:
+        maps = reserve_file_space(
+            fh.fileno(), 1 << 16
+        )  # regions are mapped only where blocks can be reserved
+    assert claims and all(c == maps for c in claims)

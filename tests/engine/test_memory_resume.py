@@ -120,7 +120,7 @@ SLOW_KERNEL_PLUGIN = textwrap.dedent(
 
 
     params = (Param("weight", float, "per_model", 1.0), Param("normalize", bool, "global", True))
-    register("slow_linear", params=params, elementwise=True, fused=slow_fused)(linear.linear)
+    register("slow_linear", params=params, fused=slow_fused)(linear.linear)  # whole tensors: in place
     """
 )
 
