@@ -28,9 +28,8 @@ class RawTensor:
     dtype: str  # torch attribute name
     shape: tuple[int, ...]
     data: memoryview  # unsigned bytes, C order
-    in_place: bool = (
-        False  # data is a region of an output shard claimed from the writer (see ShardWriter.claim)
-    )
+    # True when data is a region of an output shard claimed from the writer (see ShardWriter.claim)
+    in_place: bool = False
 
     def to_torch(self) -> torch.Tensor:
         """A CPU tensor over these bytes (no copy; it keeps them, and a map, alive)."""
