@@ -343,7 +343,9 @@ def start_slow_merge(tmp_path: Path, model: Path) -> subprocess.Popen:
     plugin.write_text(SLOW_PLUGIN)
     cfg = tmp_path / "slow.yml"
     cfg.write_text(passthrough_cfg(model, "slow_passthrough"))
-    env = dict(os.environ, SLOW_SECONDS="0.1", HF_HUB_OFFLINE="1")
+    # 0.3 s per tensor: the merge must still be running when the test has seen its first shard and sends
+    # a signal, even on a loaded machine (at 0.1 s a clean-clone CI run once finished the merge first).
+    env = dict(os.environ, SLOW_SECONDS="0.3", HF_HUB_OFFLINE="1")
     return subprocess.Popen(
         [sys.executable, "-m", "mergesmith", "yaml", str(cfg), "out", "--method-plugin", str(plugin), "-q"],
         cwd=tmp_path,
