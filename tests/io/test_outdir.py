@@ -343,13 +343,14 @@ def start_slow_merge(tmp_path: Path, model: Path) -> subprocess.Popen:
     plugin.write_text(SLOW_PLUGIN)
     cfg = tmp_path / "slow.yml"
     cfg.write_text(passthrough_cfg(model, "slow_passthrough"))
-    # 0.3 s per tensor: the merge must still be running when the test has seen its first shard and sends
-    # a signal, even on a loaded machine (at 0.1 s a clean-clone CI run once finished the merge first).
-    env = dict(os.environ, SLOW_SECONDS="0.3", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, SLOW_SECONDS="0.1", HF_HUB_OFFLINE="1")
     return subprocess.Popen(
         [sys.executable, "-m", "mergesmith", "yaml", str(cfg), "out", "--method-plugin", str(plugin), "-q"],
         cwd=tmp_path,
         env=env,
+        # A suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and Python then
+        # keeps it ignored: give the child the default disposition, so Ctrl-C reaches it as it would a user's.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
