@@ -164,9 +164,10 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.shards = shards
         self._order = [(si, e) for si, s in enumerate(shards) for e in s.entries]
+        self._headers = [s.header() for s in shards]
         self._place: dict[str, tuple[int, int, OutEntry]] = {}  # tensor -> (shard, offset of its data, entry)
         for si, s in enumerate(shards):
-            pos = len(s.header())
+            pos = len(self._headers[si])
             for e in s.entries:
                 self._place[e.name] = (si, pos, e)
                 pos += e.nbytes
@@ -232,7 +233,7 @@ class ShardWriter:
         if si in self._open:
             return self._open[si]
         path = self.out_dir / self.shards[si].filename
-        header = self.shards[si].header()
+        header = self._headers[si]
         size = len(header) + self.shards[si].data_bytes
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
