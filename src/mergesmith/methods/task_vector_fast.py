@@ -242,8 +242,7 @@ def _fused(K: Any, kind: str, b: Any, fts: list[Any], per: list[dict[str, Any]],
         if density >= 1:
             continue
         if kind == "della":  # the ranking pass records the keep decisions; the combine reads them back
-            shape = ctx["shape"]
-            rows = 1 if len(shape) < 2 else shape[0]
+            rows = _della_rows(ctx)
             eps = float(mp["epsilon"])
             thresholds = K.della_thresholds(n // rows, np.float32(density - eps), np.float32(2 * eps))
             sums = K.della_mask(
@@ -389,6 +388,12 @@ def _one_pass(kind: str, mode: str | None) -> bool:
     return (kind == "magnitude" and mode is None) or (kind != "magnitude" and mode != "keep_prob")
 
 
+def _della_rows(ctx: dict[str, Any]) -> int:
+    """The rows DELLA ranks within: the first dimension (a tensor of fewer than two is one row)."""
+    shape = ctx["shape"]
+    return 1 if len(shape) < 2 else int(shape[0])
+
+
 def _rows_per_task(rows: int, ctx: dict[str, Any]) -> int:
     """Rows a DELLA kernel task takes at a time: about eight tasks per thread, so they even out."""
     return max(1, rows // (8 * ctx["threads"]))
@@ -479,7 +484,7 @@ def _two_pass(
             sums = K.prune_random(b, f, seed, bound, density if keep_prob else 0.0, work, block)
             mode_i = mode
         else:
-            rows = 1 if len(ctx["shape"]) < 2 else ctx["shape"][0]
+            rows = _della_rows(ctx)
             width = n // rows
             eps = float(mp["epsilon"])
             low, span = np.float32(density - eps), np.float32(2 * eps)
