@@ -36,3 +36,22 @@ def test_lazy_module_imports_on_first_use():
     assert "colorsys" not in sys.modules
     assert stand_in.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
     assert "colorsys" in sys.modules and "rgb_to_hsv" in vars(stand_in)  # kept for the next use
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise through libc is Linux-only")
+def test_madvise_populates_a_map_and_leaves_it_closable(tmp_path) -> None:
+    import errno
+    import mmap
+
+    from mergesmith._util import madvise
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 4096)
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    madvise(mapped, 22)  # MADV_POPULATE_READ (Linux 5.14+; older kernels say EINVAL)
+    assert mapped[255::256] == bytes([255]) * 4096
+    with pytest.raises(OSError) as err:
+        madvise(mapped, 9999)  # no such advice
+    assert err.value.errno == errno.EINVAL
+    mapped.close()  # the address was taken without leaving an export behind, or this raises BufferError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from mergesmith._util import dtype_itemsize
+from mergesmith._util import dtype_itemsize, madvise
 from mergesmith.errors import ModelError
 
 if TYPE_CHECKING:
@@ -185,10 +185,8 @@ def _prefault(mapped: mmap.mmap, path: Path) -> None:
     with a clear error instead of a SIGBUS later."""
     import errno
 
-    if not hasattr(mapped, "madvise"):  # not on every platform
-        return
     try:
-        mapped.madvise(_MADV_POPULATE_READ)
+        madvise(mapped, _MADV_POPULATE_READ)
     except OSError as exc:
         if exc.errno in (errno.EFAULT, errno.EIO, errno.ENOMEM):
             raise ModelError(
