@@ -55,3 +55,8 @@ def test_madvise_populates_a_map_and_leaves_it_closable(tmp_path) -> None:
         madvise(mapped, 9999)  # no such advice
     assert err.value.errno == errno.EINVAL
     mapped.close()  # the address was taken without leaving an export behind, or this raises BufferError
+    with open(path, "rb") as fh:
+        readonly = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    madvise(readonly, 22)  # no writable buffer to take the address of: mmap.madvise does it
+    assert readonly[:3] == bytes([0, 1, 2])
+    readonly.close()

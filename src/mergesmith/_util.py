@@ -168,18 +168,22 @@ def reserve_file_space(fd: int, nbytes: int) -> bool:
 def madvise(mapped: Any, advice: int) -> None:
     """madvise(2) over the whole of mmap object `mapped`, with the GIL released while the kernel works:
     `mmap.madvise` holds it, so populating a map there stalls every other Python thread for as long (0.2 s
-    for a 2 GB map here). Raises OSError; without libc, falls back to `mmap.madvise` where it exists."""
+    for a 2 GB map here). Raises OSError. Without libc, or for a read-only map, it falls back to
+    `mmap.madvise` where that exists."""
     import ctypes
     import os
 
     libc = _libc()
-    if libc is None:
+    try:
+        view = ctypes.c_char.from_buffer(mapped) if libc is not None else None
+    except TypeError:  # a read-only map: ctypes takes the address of writable buffers only
+        view = None
+    if view is None:
         if hasattr(mapped, "madvise"):
             mapped.madvise(advice)
         return
-    view = ctypes.c_char.from_buffer(mapped)  # only for the address; released at once, before any close
     address = ctypes.addressof(view)
-    del view
+    del view  # only the address was needed: the export is released at once, before any close
     if libc.madvise(address, len(mapped), advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
