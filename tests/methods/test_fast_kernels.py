@@ -82,6 +82,28 @@ def test_ties_threshold_with_many_exact_ties(merge, monkeypatch, dtype, density)
     assert torch.equal(slow, fast)
 
 
+@pytest.mark.parametrize("cols", [32768, 65536])
+def test_top_bin_finds_the_bin_where_the_count_from_the_top_reaches_k(cols) -> None:
+    import numpy as np
+
+    from mergesmith.methods import numba_kernels as K
+
+    def expected(hist, k):  # the search as written with numpy: cumulative counts from the top bin down
+        top = np.cumsum(hist.sum(0)[::-1])
+        i = int(np.argmax(top >= k))
+        return cols - 1 - i, int(top[i - 1]) if i else 0
+
+    rng = np.random.default_rng(cols)
+    for trial in range(60):
+        hist = rng.integers(0, 3, (int(rng.integers(1, 20)), cols)).astype(np.int64)
+        if trial % 3 == 0:  # a few crowded bins, as the magnitudes of a real task vector give
+            hist[:, rng.integers(0, cols, 50)] += 1000
+        total = int(hist.sum())
+        for k in (1, int(rng.integers(1, total + 1)), total, total + 1):
+            got = K.top_bin(hist, k)
+            assert (int(got[0]), int(got[1])) == expected(hist, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_della_ranks_with_exact_zeros_and_ties(merge, monkeypatch, dtype) -> None:
     # deltas take 9 values, a ninth of them exactly zero; row 7 of one fine-tune is unchanged altogether

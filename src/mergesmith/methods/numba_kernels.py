@@ -206,6 +206,31 @@ def find_cut(base: Any, ft: Any, lo: int, hi: int, thr: int, m: int) -> int:
     return hi
 
 
+@pjit
+def top_bin(hist: Any, k: int) -> Any:
+    """(v, above): the highest bin v at which the counts of bins v and up, summed over hist's rows (the
+    per-block histograms of `hist_high` or `hist_low`), reach k, and the count of the bins above v.
+    Column totals are summed in parallel, a chunk of columns per task (numpy's sum of a 16 x 32768
+    int64 array took 1.3 ms per tensor and fine-tune, on the merging thread alone)."""
+    blocks, cols = hist.shape
+    totals = np.zeros(cols, np.int64)
+    chunk = 4096
+    for q in prange((cols + chunk - 1) // chunk):
+        lo = q * chunk
+        hi = min(cols, lo + chunk)
+        t = totals[lo:hi]
+        for c in range(blocks):
+            h = hist[c, lo:hi]
+            for v in range(hi - lo):
+                t[v] += h[v]
+    above = 0
+    for v in range(cols - 1, -1, -1):
+        if above + totals[v] >= k:
+            return v, above
+        above += totals[v]
+    return cols - 1, 0  # fewer than k entries in all: the top bin, as an empty search would give
+
+
 @sjit
 def prune_magnitude(base: Any, ft: Any, thr: int, cut: int, out: Any, block: int) -> Any:
     """out = d where key(d) > thr, or == thr before index cut; 0 elsewhere. Returns norm sums."""

@@ -178,18 +178,13 @@ def _threshold(K: Any, b: Any, f: Any, n: int, k: int, bf16: bool, block: int) -
     import numpy as np
 
     hist = K.hist_high(b, f, block)
-    top = np.cumsum(hist.sum(0)[::-1])
-    i = int(np.argmax(top >= k))
-    high = 32767 - i
-    above = int(top[i - 1]) if i else 0
+    high, above = (int(x) for x in K.top_bin(hist, k))
     if bf16:
         thr, per_block = high << 16, hist[:, high]
     else:
         low_hist = K.hist_low(b, f, block, high)
-        top2 = np.cumsum(low_hist.sum(0)[::-1])
-        i2 = int(np.argmax(top2 >= k - above))
-        low = 65535 - i2
-        above += int(top2[i2 - 1]) if i2 else 0
+        low, above_low = (int(x) for x in K.top_bin(low_hist, k - above))
+        above += above_low
         thr, per_block = (high << 16) | low, low_hist[:, low]
     m = k - above  # entries equal to the threshold that are kept: the first m by index
     reach = np.cumsum(per_block)
