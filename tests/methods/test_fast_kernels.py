@@ -329,8 +329,9 @@ def test_torch_stream_seeds_are_what_a_torch_generator_draws() -> None:
     for seed in [0, 1, 2**32 - 1, 2**32 + 7, *(rng.randrange(2**64) for _ in range(30))]:
         gen = torch.Generator().manual_seed(seed)
         assert hashrng.torch_stream_seeds(seed, 4) == [hashrng.stream_seed(gen) for _ in range(4)], seed
-    gen = torch.Generator().manual_seed(9)  # past the generator's first 624 words
-    assert hashrng.torch_stream_seeds(9, 700) == [hashrng.stream_seed(gen) for _ in range(700)]
+    for count in (113, 114, 700):  # the shortcut's last count, the first past it, past the first 624 words
+        gen = torch.Generator().manual_seed(9)
+        assert hashrng.torch_stream_seeds(9, count) == [hashrng.stream_seed(gen) for _ in range(count)], count
 
 
 def test_sparse_kernels_leave_what_they_do_not_cover_to_the_torch_code() -> None:
