@@ -39,7 +39,7 @@ def test_lazy_module_imports_on_first_use():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise through libc is Linux-only")
-def test_madvise_populates_a_map_and_leaves_it_closable(tmp_path) -> None:
+def test_madvise_advises_a_map_and_leaves_it_closable(tmp_path) -> None:
     import errno
     import mmap
 
