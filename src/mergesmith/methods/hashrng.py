@@ -42,43 +42,44 @@ def torch_stream_seeds(seed: int, count: int) -> list[int]:
     """The first `count` values `stream_seed` draws from a CPU torch.Generator seeded with `seed`, computed
     without torch: that generator is a 32-bit-seeded mt19937, and each draw takes two of its outputs as
     one 64-bit number, reduced modulo 2**63 - 1 (tests check this against torch)."""
-    if 2 * count <= 624 - 397:
-        return _first_stream_seeds(seed, count)
-    state = [seed & 0xFFFFFFFF]
-    for i in range(1, 624):
-        prev = state[-1]
-        state.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
-    words: list[int] = []
-    while len(words) < 2 * count:
-        for i in range(624):  # the twist, then the tempered outputs of the new state
-            y = (state[i] & 0x80000000) | (state[(i + 1) % 624] & 0x7FFFFFFF)
-            state[i] = state[(i + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
-        for y in state:
-            y ^= y >> 11
-            y ^= (y << 7) & 0x9D2C5680
-            y ^= (y << 15) & 0xEFC60000
-            words.append(y ^ (y >> 18))
-    return [((words[2 * i] << 32) | words[2 * i + 1]) % (2**63 - 1) for i in range(count)]
-
-
-def _first_stream_seeds(seed: int, count: int) -> list[int]:
-    """`torch_stream_seeds` for the usual few models (2 * count <= 227 words): word i of the first twist
-    reads only words i, i + 1 and i + 397 of the seeded state, so the state is made only that far and
-    only the words drawn are twisted (a fifth of the work; it ran once per tensor, on the merging thread)."""
     need = 2 * count
+    if need <= 624 - 397:
+        # Word i of the first twist reads only words i, i + 1 and i + 397 of the seeded state: for the usual
+        # few models only that much state is made and only the drawn words twisted (a fifth of the work;
+        # this runs once per tensor, on the merging thread).
+        state = _seeded_state(seed, need + 397)
+        words = [_temper(_twisted(state, i)) for i in range(need)]
+    else:
+        state = _seeded_state(seed, 624)
+        words = []
+        while len(words) < need:
+            for i in range(624):  # the twist, then the tempered outputs of the new state
+                state[i] = _twisted(state, i)
+            words += [_temper(y) for y in state]
+    return [((words[2 * i] << 32) | words[2 * i + 1]) % (2**63 - 1) for i in range(count)]
+
+
+def _seeded_state(seed: int, size: int) -> list[int]:
+    """The first `size` words of mt19937's state as a 32-bit seed initialises it."""
     state = [seed & 0xFFFFFFFF]
-    for i in range(1, need + 397):
+    for i in range(1, size):
         prev = state[-1]
         state.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
-    words = []
-    for i in range(need):
-        y = (state[i] & 0x80000000) | (state[i + 1] & 0x7FFFFFFF)
-        y = state[i + 397] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
-        y ^= y >> 11
-        y ^= (y << 7) & 0x9D2C5680
-        y ^= (y << 15) & 0xEFC60000
-        words.append(y ^ (y >> 18))
-    return [((words[2 * i] << 32) | words[2 * i + 1]) % (2**63 - 1) for i in range(count)]
+    return state
+
+
+def _twisted(state: list[int], i: int) -> int:
+    """Word i of mt19937's state after the twist, from words i and i + 1 and i + 397 (mod 624)."""
+    y = (state[i] & 0x80000000) | (state[(i + 1) % 624] & 0x7FFFFFFF)
+    return state[(i + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+
+
+def _temper(y: int) -> int:
+    """mt19937's output for state word y."""
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    return y ^ (y >> 18)
 
 
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
