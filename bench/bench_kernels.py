@@ -44,6 +44,11 @@ def kernels(rows: int, width: int, threads: int) -> dict[str, Callable[[], objec
     ones = np.ones(2, np.float32)
     masked = np.full(2, K.KEEP_MASKED, np.int64)
     magnitude = np.full(2, K.KEEP_MAGNITUDE, np.int64)
+    drawn, seeds, bounds = (
+        np.full(2, K.KEEP_RANDOM, np.int64),
+        np.array([5, 6], np.uint64),
+        np.full(2, 1 << 31),
+    )
     # TIES at density 0.5: each fine-tune's magnitude threshold, found as the merge finds it
     found = [_threshold(K, b, f, n, n // 2, True, block) for f in (f1, f2)]
     thr, cut = (np.array([x[i] for x in found], np.int64) for i in (0, 1))
@@ -66,6 +71,9 @@ def kernels(rows: int, width: int, threads: int) -> dict[str, Callable[[], objec
         ),
         "dare/della: combine_fused (2, masked)": lambda: K.combine_fused(
             b, (f1, f2), masked, zeros, zeros, none, zeros, masks, ones * np.float32(1.3), *combine_args
+        ),
+        "dare, no rescale: combine_fused (2, drawn)": lambda: K.combine_fused(
+            b, (f1, f2), drawn, zeros, zeros, seeds, bounds, masks, ones, *combine_args
         ),
     }
 

@@ -602,28 +602,30 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, norm: int,
     for c in prange(nb):
         lo = c * block
         hi = min(n, lo + block)
-        b, f, keep = base[lo:hi], ft[lo:hi], mask[lo:hi]
+        s0 = s1 = 0.0
+        m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+        for t0 in range(lo, hi, TILE):
+            # The decisions of a tile first, then its sums reading them back from L1: apart, each loop
+            # compiles to tighter code (15-30% less time than one loop doing both).
+            t1 = min(hi, t0 + TILE)
+            b, f, keep = base[t0:t1], ft[t0:t1], mask[t0:t1]
+            for j in range(t1 - t0):
+                keep[j] = np.uint8(stream(seed, t0 + j) < ubound)
+            if norm == 2:
+                for j in range(t1 - t0):
+                    k = key(delta(b, f, j))
+                    m4 = max(m4, k)
+                    m5 = max(m5, k if keep[j] else u32(0))
+            else:
+                for j in range(t1 - t0):
+                    a = np.float64(abs(delta(b, f, j)))
+                    if norm == 1:
+                        a = a * a
+                    s0 += a
+                    s1 += a if keep[j] else 0.0
         if norm == 2:
-            m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
-            for j in range(hi - lo):
-                d = delta(b, f, j)
-                kept = stream(seed, lo + j) < ubound
-                keep[j] = np.uint8(kept)
-                k = key(d)
-                m4 = max(m4, k)
-                m5 = max(m5, k if kept else u32(0))
             sums[c, 4], sums[c, 5] = f32_from_bits(m4), f32_from_bits(m5)
         else:
-            s0 = s1 = 0.0
-            for j in range(hi - lo):
-                d = delta(b, f, j)
-                kept = stream(seed, lo + j) < ubound
-                keep[j] = np.uint8(kept)
-                a = np.float64(abs(d))
-                if norm == 1:
-                    a = a * a
-                s0 += a
-                s1 += a if kept else 0.0
             sums[c, 2 * norm], sums[c, 2 * norm + 1] = s0, s1
     return sums
 
@@ -666,6 +668,7 @@ def combine_fused(
         total = np.empty(TILE, np.float32)
         mixed = np.empty(TILE, np.float32)
         div = np.empty(TILE, np.float32)
+        drawn = np.empty(TILE, np.uint8)
         end = min(n, (c + 1) * block)
         for t0 in range(c * block, end, TILE):
             t1 = min(end, t0 + TILE)
@@ -681,14 +684,14 @@ def combine_fused(
                         k = key(d)
                         v = d if k > th or (k == th and j < edge) else f32(0.0)
                         row[j] = rnd(b, v * w)
-                elif kind == KEEP_RANDOM:
-                    seed, ubound = seeds[i], u64(bounds[i])
-                    for j in range(m):
-                        d = delta(b, f, j)
-                        v = d if stream(seed, t0 + j) < ubound else f32(0.0)
-                        row[j] = rnd(b, rnd(b, v * fac) * w)
-                elif kind == KEEP_MASKED:
-                    keep = masks[i][t0:t1]
+                elif kind == KEEP_RANDOM or kind == KEEP_MASKED:
+                    if kind == KEEP_RANDOM:  # the tile's decisions first: a loop of its own compiles tighter
+                        seed, ubound = seeds[i], u64(bounds[i])
+                        for j in range(m):
+                            drawn[j] = np.uint8(stream(seed, t0 + j) < ubound)
+                        keep = drawn[:m]
+                    else:
+                        keep = masks[i][t0:t1]
                     for j in range(m):
                         d = delta(b, f, j)
                         v = d if keep[j] else f32(0.0)
