@@ -133,6 +133,15 @@ def stream(seed: Any, j: Any) -> Any:
 
 
 @numba.njit
+def draw(keep: Any, seed: Any, bound: Any, start: Any) -> None:
+    """keep[j] = 1 where stream(seed, start + j) < bound, else 0: a tile's DARE keep decisions, drawn in a
+    loop of their own before the loop that uses them (apart, each compiles to tighter code: 15-25% less
+    time than one loop doing both)."""
+    for j in range(keep.size):
+        keep[j] = np.uint8(stream(seed, start + j) < bound)
+
+
+@numba.njit
 def delta(base: Any, ft: Any, j: int) -> Any:
     """ft[j] - base[j] rounded to the arrays' dtype, as float32."""
     return rnd(base, load(ft, j) - load(base, j))
@@ -605,12 +614,9 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, norm: int,
         s0 = s1 = 0.0
         m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
         for t0 in range(lo, hi, TILE):
-            # The decisions of a tile first, then its sums reading them back from L1: apart, each loop
-            # compiles to tighter code (15-25% less time than one loop doing both).
             t1 = min(hi, t0 + TILE)
             b, f, keep = base[t0:t1], ft[t0:t1], mask[t0:t1]
-            for j in range(t1 - t0):
-                keep[j] = np.uint8(stream(seed, t0 + j) < ubound)
+            draw(keep, seed, ubound, t0)  # the sums then read the decisions back from L1
             if norm == 2:
                 for j in range(t1 - t0):
                     k = key(delta(b, f, j))
@@ -685,11 +691,9 @@ def combine_fused(
                         v = d if k > th or (k == th and j < edge) else f32(0.0)
                         row[j] = rnd(b, v * w)
                 elif kind == KEEP_RANDOM or kind == KEEP_MASKED:
-                    if kind == KEEP_RANDOM:  # the tile's decisions first: a loop of its own compiles tighter
-                        seed, ubound = seeds[i], u64(bounds[i])
-                        for j in range(m):
-                            drawn[j] = np.uint8(stream(seed, t0 + j) < ubound)
+                    if kind == KEEP_RANDOM:
                         keep = drawn[:m]
+                        draw(keep, seeds[i], u64(bounds[i]), t0)
                     else:
                         keep = masks[i][t0:t1]
                     for j in range(m):
