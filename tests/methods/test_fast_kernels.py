@@ -265,6 +265,45 @@ def test_kernels_take_no_tensors_they_do_not_cover() -> None:
     assert task_vector_fast.tensor_arrays(fine, torch.zeros_like(fine[0])) is not None
 
 
+@pytest.mark.parametrize("workers", [[0], [0, 8], [0, 5, 11], [3, 0]])
+@pytest.mark.parametrize("trial", range(20))
+def test_workers_take_every_chunk_once_each_from_its_start_up_then_from_the_top(workers, trial) -> None:
+    import random
+
+    import numpy as np
+
+    from mergesmith.methods import numba_kernels as K
+
+    rng = random.Random(trial)
+    chunks = 16
+    taken = np.zeros(chunks, np.int64)
+    got: dict[int, list[int]] = {w: [] for w in workers}
+    active = {w: -1 for w in workers}
+    late = rng.choice(workers)  # one worker starts after the others have run a while
+    for _ in range(rng.randrange(chunks)):
+        others = [w for w in active if w != late]
+        if others:
+            w = rng.choice(others)
+            active[w] = K.next_chunk(taken, w, active[w])
+            if active[w] < 0:
+                del active[w]
+            else:
+                got[w].append(active[w])
+    while active:
+        w = rng.choice(list(active))
+        active[w] = K.next_chunk(taken, w, active[w])
+        if active[w] < 0:
+            del active[w]
+        else:
+            got[w].append(active[w])
+    assert sorted(c for seq in got.values() for c in seq) == list(range(chunks))
+    for w, seq in got.items():
+        up = 0
+        while up < len(seq) and seq[up] == w + up:
+            up += 1
+        assert seq[up:] == sorted(seq[up:], reverse=True), (w, seq)  # then downwards from the top
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(300, 257), (7, 5), (70000,), (1,)])
 @pytest.mark.parametrize("params", [{}, {"lambda": 1.3, "normalize": False}])

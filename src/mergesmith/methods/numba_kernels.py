@@ -57,6 +57,47 @@ def fma32(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
+@intrinsic
+def claim(typingctx: Any, taken: Any, c: Any) -> Any:
+    """Mark chunk c of a kernel call taken (taken[c] = 1, one atomic step); True when it was free."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        old = builder.atomic_rmw("xchg", ptr, context.get_constant(types.int64, 1), "monotonic")
+        return builder.icmp_unsigned("==", old, context.get_constant(types.int64, 0))
+
+    return types.boolean(types.Array(types.int64, 1, "C"), types.intp), codegen
+
+
+@numba.njit
+def next_chunk(taken: Any, start: int, prev: int) -> int:
+    """The next chunk for the worker that began at chunk `start` (prev: its last one, -1 at first), or -1.
+
+    Kernels run their chunks as workers, one per iteration of the parallel loop: a worker takes chunks
+    upwards from its own start until it meets one already taken, then takes what is left from the top
+    down. numba gives each thread a fixed run of iterations, so each thread's first worker takes that
+    thread's share in order and, if it finishes first, the share a delayed thread has not reached (a
+    thread held up by the loader, writer or hashing threads no longer leaves the other core idle); the
+    later workers find nothing left. The threads write far apart in the output, as with a fixed split
+    (taking chunks in turn from one counter put them in the same pages: 2.5 s more system time for a
+    DARE-TIES merge of the bench models)."""
+    n, first, last = np.int64(taken.size), np.int64(start), np.int64(prev)  # (prange indices are unsigned)
+    c = first if last < 0 else last + 1
+    if last < 0 or last >= first:
+        if c < n and claim(taken, c):
+            return c
+        c = n - 1
+    else:
+        c = last - 1
+    while c >= 0:
+        if claim(taken, c):
+            return c
+        c -= 1
+    return -1
+
+
 def load(a: Any, j: int) -> Any:
     """Entry j of a bfloat16-bits or float32 array, as float32."""
 
@@ -147,8 +188,9 @@ def delta(base: Any, ft: Any, j: int) -> Any:
     return rnd(base, load(ft, j) - load(base, j))
 
 
-# Kernels split the flat range into `block`-sized pieces, one per parallel iteration, and work on
-# slices of each piece: loops that start at 0 are the ones LLVM vectorizes.
+# Kernels split the flat range into `block`-sized chunks (DELLA's: runs of rows), which the parallel
+# loop's workers take with `next_chunk`, and work on slices of each chunk: loops that start at 0 are
+# the ones LLVM vectorizes.
 
 
 @pjit
@@ -161,28 +203,32 @@ def hist_high(base: Any, ft: Any, block: int) -> Any:
     n = base.size
     nb = (n + block - 1) // block
     hist = np.empty((nb, 32768), np.int64)  # every count is written below: no need to clear it first
-    for c in prange(nb):
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
         keys = np.empty(TILE, np.uint32)
-        h4 = np.zeros((4, 32768), np.int32)
-        end = min(n, (c + 1) * block)
-        for t0 in range(c * block, end, TILE):
-            t1 = min(end, t0 + TILE)
-            m = t1 - t0
-            b, f = base[t0:t1], ft[t0:t1]
-            for j in range(m):
-                keys[j] = key(delta(b, f, j)) >> u32(16)
-            j = 0
-            while j + 4 <= m:
-                h4[0, keys[j]] += 1
-                h4[1, keys[j + 1]] += 1
-                h4[2, keys[j + 2]] += 1
-                h4[3, keys[j + 3]] += 1
-                j += 4
-            while j < m:
-                h4[0, keys[j]] += 1
-                j += 1
-        for v in range(32768):
-            hist[c, v] = h4[0, v] + h4[1, v] + h4[2, v] + h4[3, v]
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            h4 = np.zeros((4, 32768), np.int32)
+            end = min(n, (c + 1) * block)
+            for t0 in range(c * block, end, TILE):
+                t1 = min(end, t0 + TILE)
+                m = t1 - t0
+                b, f = base[t0:t1], ft[t0:t1]
+                for j in range(m):
+                    keys[j] = key(delta(b, f, j)) >> u32(16)
+                j = 0
+                while j + 4 <= m:
+                    h4[0, keys[j]] += 1
+                    h4[1, keys[j + 1]] += 1
+                    h4[2, keys[j + 2]] += 1
+                    h4[3, keys[j + 3]] += 1
+                    j += 4
+                while j < m:
+                    h4[0, keys[j]] += 1
+                    j += 1
+            for v in range(32768):
+                hist[c, v] = h4[0, v] + h4[1, v] + h4[2, v] + h4[3, v]
+            c = next_chunk(taken, worker, c)
     return hist
 
 
@@ -192,14 +238,18 @@ def hist_low(base: Any, ft: Any, block: int, high: int) -> Any:
     n = base.size
     nb = (n + block - 1) // block
     hist = np.zeros((nb, 65536), np.int64)
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        b, f, h = base[lo:hi], ft[lo:hi], hist[c]
-        for j in range(hi - lo):
-            k = key(delta(b, f, j))
-            if (k >> u32(16)) == high:
-                h[k & u32(0xFFFF)] += 1
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            b, f, h = base[lo:hi], ft[lo:hi], hist[c]
+            for j in range(hi - lo):
+                k = key(delta(b, f, j))
+                if (k >> u32(16)) == high:
+                    h[k & u32(0xFFFF)] += 1
+            c = next_chunk(taken, worker, c)
     return hist
 
 
@@ -246,27 +296,31 @@ def prune_magnitude(base: Any, ft: Any, thr: int, cut: int, out: Any, block: int
     n = base.size
     nb = (n + block - 1) // block
     sums = np.zeros((nb, 6))
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
-        edge = min(max(cut - lo, 0), hi - lo)  # entries equal to thr are kept below this local index
-        s0 = s1 = s2 = s3 = 0.0
-        m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
-        for j in range(hi - lo):
-            d = delta(b, f, j)
-            k = key(d)
-            v = d if k > thr or (k == thr and j < edge) else f32(0.0)
-            store(o, j, v)
-            a, w = np.float64(abs(d)), np.float64(abs(v))
-            s0 += a
-            s1 += w
-            s2 += a * a
-            s3 += w * w
-            m4 = max(m4, key(d))
-            m5 = max(m5, key(v))
-        sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
-        sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
+            edge = min(max(cut - lo, 0), hi - lo)  # entries equal to thr are kept below this local index
+            s0 = s1 = s2 = s3 = 0.0
+            m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+            for j in range(hi - lo):
+                d = delta(b, f, j)
+                k = key(d)
+                v = d if k > thr or (k == thr and j < edge) else f32(0.0)
+                store(o, j, v)
+                a, w = np.float64(abs(d)), np.float64(abs(v))
+                s0 += a
+                s1 += w
+                s2 += a * a
+                s3 += w * w
+                m4 = max(m4, key(d))
+                m5 = max(m5, key(v))
+            sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
+            sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -278,25 +332,29 @@ def prune_random(base: Any, ft: Any, seed: int, bound: int, keep_prob: Any, out:
     sums = np.zeros((nb, 6))
     ubound = u64(bound)
     scale = f32(keep_prob) if keep_prob > 0 else f32(1.0)
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
-        s0 = s1 = s2 = s3 = 0.0
-        m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
-        for j in range(hi - lo):
-            d = delta(b, f, j)
-            v = f32(d) / scale if stream(seed, lo + j) < ubound else f32(0.0)
-            o[j] = v
-            a, w = np.float64(abs(d)), np.float64(abs(v))
-            s0 += a
-            s1 += w
-            s2 += a * a
-            s3 += w * w
-            m4 = max(m4, key(d))
-            m5 = max(m5, key(v))
-        sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
-        sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
+            s0 = s1 = s2 = s3 = 0.0
+            m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+            for j in range(hi - lo):
+                d = delta(b, f, j)
+                v = f32(d) / scale if stream(seed, lo + j) < ubound else f32(0.0)
+                o[j] = v
+                a, w = np.float64(abs(d)), np.float64(abs(v))
+                s0 += a
+                s1 += w
+                s2 += a * a
+                s3 += w * w
+                m4 = max(m4, key(d))
+                m5 = max(m5, key(v))
+            sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
+            sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -400,37 +458,41 @@ def prune_della(
     sums = np.zeros((rows, 6))
     shift = u32(key_shift)
     chunks = (rows + block_rows - 1) // block_rows
-    for c in prange(chunks):
+    taken = np.zeros(chunks, np.int64)
+    for worker in prange(chunks):
         keys = np.empty(width, np.uint32)
         ranks = np.empty(width, np.int32)
         count = np.empty(32768, np.int64)
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
-        scale = f32(width - 1)
-        for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
-            off = r * width
-            b, f, o = base[off : off + width], ft[off : off + width], out[off : off + width]
-            for i in range(width):
-                keys[i] = key(delta(b, f, i)) >> shift
-            _row_ranks(keys, ranks, count, order, spare)
-            s0 = s1 = s2 = s3 = 0.0
-            m4 = m5 = u32(0)
-            for i in range(width):
-                d = delta(b, f, i)
-                rn = f32(ranks[i]) / scale if width > 1 else f32(0.5)
-                p = f32(low + rn * span)
-                keep = f32(np.int32(stream(seed, off + i) >> u64(8))) < p * f32(16777216.0)
-                v = (f32(d) / p if keep_prob else f32(d)) if keep else f32(0.0)
-                o[i] = v
-                a, w = np.float64(abs(d)), np.float64(abs(v))
-                s0 += a
-                s1 += w
-                s2 += a * a
-                s3 += w * w
-                m4 = max(m4, key(d))
-                m5 = max(m5, key(v))
-            sums[r, 0], sums[r, 1], sums[r, 2] = s0, s1, s2
-            sums[r, 3], sums[r, 4], sums[r, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            scale = f32(width - 1)
+            for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
+                off = r * width
+                b, f, o = base[off : off + width], ft[off : off + width], out[off : off + width]
+                for i in range(width):
+                    keys[i] = key(delta(b, f, i)) >> shift
+                _row_ranks(keys, ranks, count, order, spare)
+                s0 = s1 = s2 = s3 = 0.0
+                m4 = m5 = u32(0)
+                for i in range(width):
+                    d = delta(b, f, i)
+                    rn = f32(ranks[i]) / scale if width > 1 else f32(0.5)
+                    p = f32(low + rn * span)
+                    keep = f32(np.int32(stream(seed, off + i) >> u64(8))) < p * f32(16777216.0)
+                    v = (f32(d) / p if keep_prob else f32(d)) if keep else f32(0.0)
+                    o[i] = v
+                    a, w = np.float64(abs(d)), np.float64(abs(v))
+                    s0 += a
+                    s1 += w
+                    s2 += a * a
+                    s3 += w * w
+                    m4 = max(m4, key(d))
+                    m5 = max(m5, key(v))
+                sums[r, 0], sums[r, 1], sums[r, 2] = s0, s1, s2
+                sums[r, 3], sums[r, 4], sums[r, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -471,66 +533,73 @@ def della_mask(
     sums = np.zeros((rows, 6))
     shift = u32(key_shift)
     chunks = (rows + block_rows - 1) // block_rows
-    for c in prange(chunks):
+    taken = np.zeros(chunks, np.int64)
+    for worker in prange(chunks):
         keys = np.empty(width, np.uint32)
         count = np.empty(32769, np.int32)
         ranks = np.empty(width, np.int32)
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
         wide = np.empty(32768, np.int64)
-        for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
-            off = r * width
-            b, f, keep = base[off : off + width], ft[off : off + width], mask[off : off + width]
-            for i in range(width):
-                keys[i] = key(delta(b, f, i)) >> shift
-            kmin, kmax = np.int32(0x7FFFFFFF), np.int32(0)  # keys are below 2**31; int32 min/max vectorize
-            for i in range(width):
-                k = np.int32(keys[i])
-                kmin = min(kmin, k if k != 0 else np.int32(0x7FFFFFFF))
-                kmax = max(kmax, k)
-            if kmax == 0:
-                keep[:] = 0
-            elif int(kmax - kmin) + 2 <= count.size:
-                # counter 0: the zeros (ranked first); counter k - kmin + 1: non-zero key k
-                span = int(kmax - kmin) + 2
-                first = u32(kmin - 1)
-                count[:span] = 0
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
+                off = r * width
+                b, f, keep = base[off : off + width], ft[off : off + width], mask[off : off + width]
                 for i in range(width):
-                    k = keys[i]
-                    count[(k - first) if k != 0 else u32(0)] += 1
-                total = np.int32(0)
-                for v in range(span):
-                    n_v = count[v]
-                    count[v] = total
-                    total += n_v
+                    keys[i] = key(delta(b, f, i)) >> shift
+                kmin, kmax = (
+                    np.int32(0x7FFFFFFF),
+                    np.int32(0),
+                )  # keys are below 2**31; int32 min/max vectorize
                 for i in range(width):
-                    k = keys[i]
-                    v = (k - first) if k != 0 else u32(0)
-                    rk = count[v]
-                    count[v] = rk + 1
-                    x = np.int32(stream(seed, off + i) >> u64(8))
-                    keep[i] = np.uint8((x < thr[rk]) & (k != 0))
-            else:
-                _row_ranks(keys, ranks, wide, order, spare)
-                for i in range(width):
-                    x = np.int32(stream(seed, off + i) >> u64(8))
-                    keep[i] = np.uint8((x < thr[ranks[i]]) & (keys[i] != 0))
-            if norm == 2:
-                m4 = m5 = u32(0)
-                for i in range(width):
-                    k = keys[i]
-                    m4 = max(m4, k)
-                    m5 = max(m5, k if keep[i] else u32(0))
-                sums[r, 4], sums[r, 5] = f32_from_bits(m4 << shift), f32_from_bits(m5 << shift)
-            elif norm >= 0:
-                s0 = s1 = 0.0
-                for i in range(width):
-                    a = np.float64(f32_from_bits(keys[i] << shift))
-                    if norm == 1:
-                        a = a * a
-                    s0 += a
-                    s1 += a if keep[i] else 0.0
-                sums[r, 2 * norm], sums[r, 2 * norm + 1] = s0, s1
+                    k = np.int32(keys[i])
+                    kmin = min(kmin, k if k != 0 else np.int32(0x7FFFFFFF))
+                    kmax = max(kmax, k)
+                if kmax == 0:
+                    keep[:] = 0
+                elif int(kmax - kmin) + 2 <= count.size:
+                    # counter 0: the zeros (ranked first); counter k - kmin + 1: non-zero key k
+                    span = int(kmax - kmin) + 2
+                    first = u32(kmin - 1)
+                    count[:span] = 0
+                    for i in range(width):
+                        k = keys[i]
+                        count[(k - first) if k != 0 else u32(0)] += 1
+                    total = np.int32(0)
+                    for v in range(span):
+                        n_v = count[v]
+                        count[v] = total
+                        total += n_v
+                    for i in range(width):
+                        k = keys[i]
+                        v = (k - first) if k != 0 else u32(0)
+                        rk = count[v]
+                        count[v] = rk + 1
+                        x = np.int32(stream(seed, off + i) >> u64(8))
+                        keep[i] = np.uint8((x < thr[rk]) & (k != 0))
+                else:
+                    _row_ranks(keys, ranks, wide, order, spare)
+                    for i in range(width):
+                        x = np.int32(stream(seed, off + i) >> u64(8))
+                        keep[i] = np.uint8((x < thr[ranks[i]]) & (keys[i] != 0))
+                if norm == 2:
+                    m4 = m5 = u32(0)
+                    for i in range(width):
+                        k = keys[i]
+                        m4 = max(m4, k)
+                        m5 = max(m5, k if keep[i] else u32(0))
+                    sums[r, 4], sums[r, 5] = f32_from_bits(m4 << shift), f32_from_bits(m5 << shift)
+                elif norm >= 0:
+                    s0 = s1 = 0.0
+                    for i in range(width):
+                        a = np.float64(f32_from_bits(keys[i] << shift))
+                        if norm == 1:
+                            a = a * a
+                        s0 += a
+                        s1 += a if keep[i] else 0.0
+                    sums[r, 2 * norm], sums[r, 2 * norm + 1] = s0, s1
+            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -555,47 +624,51 @@ def combine(
     n = base.size
     models = deltas.shape[0]
     nb = (n + block - 1) // block
-    for c in prange(nb):
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
         total = np.empty(TILE, np.float32)
         mixed = np.empty(TILE, np.float32)
         div = np.empty(TILE, np.float32)
-        for t0 in range(c * block, min(n, (c + 1) * block), TILE):
-            t1 = min(min(n, (c + 1) * block), t0 + TILE)
-            m = t1 - t0
-            b, o = base[t0:t1], out[t0:t1]
-            mixed[:m] = 0.0
-            if consensus:
-                total[:m] = 0.0
-                div[:m] = 0.0
-                for i in range(models):
-                    w, dr = weights[i], deltas[i][t0:t1]
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            for t0 in range(c * block, min(n, (c + 1) * block), TILE):
+                t1 = min(min(n, (c + 1) * block), t0 + TILE)
+                m = t1 - t0
+                b, o = base[t0:t1], out[t0:t1]
+                mixed[:m] = 0.0
+                if consensus:
+                    total[:m] = 0.0
+                    div[:m] = 0.0
+                    for i in range(models):
+                        w, dr = weights[i], deltas[i][t0:t1]
+                        for j in range(m):
+                            total[j] += rnd(b, load(dr, j) * w)
                     for j in range(m):
-                        total[j] += rnd(b, load(dr, j) * w)
+                        total[j] = rnd(b, total[j])
+                    for i in range(models):
+                        w, dr = weights[i], deltas[i][t0:t1]
+                        for j in range(m):
+                            wd = rnd(b, load(dr, j) * w)
+                            agree = (wd > 0) if total[j] >= 0 else (wd < 0)
+                            mixed[j] += wd if agree else f32(0.0)
+                            div[j] += w if agree else f32(0.0)
+                    for j in range(m):
+                        d = rnd(b, div[j])
+                        div[j] = d if d != 0 else f32(1.0)
+                else:
+                    for i in range(models):
+                        w, dr = weights[i], deltas[i][t0:t1]
+                        for j in range(m):
+                            mixed[j] += rnd(b, load(dr, j) * w)
+                    div[:m] = linear_div
                 for j in range(m):
-                    total[j] = rnd(b, total[j])
-                for i in range(models):
-                    w, dr = weights[i], deltas[i][t0:t1]
-                    for j in range(m):
-                        wd = rnd(b, load(dr, j) * w)
-                        agree = (wd > 0) if total[j] >= 0 else (wd < 0)
-                        mixed[j] += wd if agree else f32(0.0)
-                        div[j] += w if agree else f32(0.0)
-                for j in range(m):
-                    d = rnd(b, div[j])
-                    div[j] = d if d != 0 else f32(1.0)
-            else:
-                for i in range(models):
-                    w, dr = weights[i], deltas[i][t0:t1]
-                    for j in range(m):
-                        mixed[j] += rnd(b, load(dr, j) * w)
-                div[:m] = linear_div
-            for j in range(m):
-                x = rnd(b, mixed[j])
-                if normalize:
-                    x = rnd(b, x / div[j])
-                if scale_lam:
-                    x = rnd(b, x * lam)
-                store(o, j, rnd(b, load(b, j) + x))
+                    x = rnd(b, mixed[j])
+                    if normalize:
+                        x = rnd(b, x / div[j])
+                    if scale_lam:
+                        x = rnd(b, x * lam)
+                    store(o, j, rnd(b, load(b, j) + x))
+            c = next_chunk(taken, worker, c)
 
 
 @sjit
@@ -608,31 +681,35 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, norm: int,
     nb = (n + block - 1) // block
     sums = np.zeros((nb, 6))
     ubound = u64(bound)
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        s0 = s1 = 0.0
-        m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
-        for t0 in range(lo, hi, TILE):
-            t1 = min(hi, t0 + TILE)
-            b, f, keep = base[t0:t1], ft[t0:t1], mask[t0:t1]
-            draw(keep, seed, ubound, t0)  # the sums then read the decisions back from L1
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            s0 = s1 = 0.0
+            m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+            for t0 in range(lo, hi, TILE):
+                t1 = min(hi, t0 + TILE)
+                b, f, keep = base[t0:t1], ft[t0:t1], mask[t0:t1]
+                draw(keep, seed, ubound, t0)  # the sums then read the decisions back from L1
+                if norm == 2:
+                    for j in range(t1 - t0):
+                        k = key(delta(b, f, j))
+                        m4 = max(m4, k)
+                        m5 = max(m5, k if keep[j] else u32(0))
+                else:
+                    for j in range(t1 - t0):
+                        a = np.float64(abs(delta(b, f, j)))
+                        if norm == 1:
+                            a = a * a
+                        s0 += a
+                        s1 += a if keep[j] else 0.0
             if norm == 2:
-                for j in range(t1 - t0):
-                    k = key(delta(b, f, j))
-                    m4 = max(m4, k)
-                    m5 = max(m5, k if keep[j] else u32(0))
+                sums[c, 4], sums[c, 5] = f32_from_bits(m4), f32_from_bits(m5)
             else:
-                for j in range(t1 - t0):
-                    a = np.float64(abs(delta(b, f, j)))
-                    if norm == 1:
-                        a = a * a
-                    s0 += a
-                    s1 += a if keep[j] else 0.0
-        if norm == 2:
-            sums[c, 4], sums[c, 5] = f32_from_bits(m4), f32_from_bits(m5)
-        else:
-            sums[c, 2 * norm], sums[c, 2 * norm + 1] = s0, s1
+                sums[c, 2 * norm], sums[c, 2 * norm + 1] = s0, s1
+            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -669,73 +746,77 @@ def combine_fused(
     n = base.size
     models = len(fts)
     nb = (n + block - 1) // block
-    for c in prange(nb):
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
         wdt = np.empty((models, TILE), np.float32)
         total = np.empty(TILE, np.float32)
         mixed = np.empty(TILE, np.float32)
         div = np.empty(TILE, np.float32)
         drawn = np.empty(TILE, np.uint8)
-        end = min(n, (c + 1) * block)
-        for t0 in range(c * block, end, TILE):
-            t1 = min(end, t0 + TILE)
-            m = t1 - t0
-            b, o = base[t0:t1], out[t0:t1]
-            for i in range(models):
-                f, row, w, fac = fts[i][t0:t1], wdt[i], weights[i], factors[i]
-                kind = kinds[i]
-                if kind == KEEP_MAGNITUDE:
-                    th, edge = thr[i], min(max(cut[i] - t0, 0), m)
-                    for j in range(m):
-                        d = delta(b, f, j)
-                        k = key(d)
-                        v = d if k > th or (k == th and j < edge) else f32(0.0)
-                        row[j] = rnd(b, v * w)
-                elif kind == KEEP_RANDOM or kind == KEEP_MASKED:
-                    if kind == KEEP_RANDOM:
-                        keep = drawn[:m]
-                        draw(keep, seeds[i], u64(bounds[i]), t0)
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            end = min(n, (c + 1) * block)
+            for t0 in range(c * block, end, TILE):
+                t1 = min(end, t0 + TILE)
+                m = t1 - t0
+                b, o = base[t0:t1], out[t0:t1]
+                for i in range(models):
+                    f, row, w, fac = fts[i][t0:t1], wdt[i], weights[i], factors[i]
+                    kind = kinds[i]
+                    if kind == KEEP_MAGNITUDE:
+                        th, edge = thr[i], min(max(cut[i] - t0, 0), m)
+                        for j in range(m):
+                            d = delta(b, f, j)
+                            k = key(d)
+                            v = d if k > th or (k == th and j < edge) else f32(0.0)
+                            row[j] = rnd(b, v * w)
+                    elif kind == KEEP_RANDOM or kind == KEEP_MASKED:
+                        if kind == KEEP_RANDOM:
+                            keep = drawn[:m]
+                            draw(keep, seeds[i], u64(bounds[i]), t0)
+                        else:
+                            keep = masks[i][t0:t1]
+                        for j in range(m):
+                            d = delta(b, f, j)
+                            v = d if keep[j] else f32(0.0)
+                            row[j] = rnd(b, rnd(b, v * fac) * w)
                     else:
-                        keep = masks[i][t0:t1]
+                        for j in range(m):
+                            row[j] = rnd(b, rnd(b, delta(b, f, j) * fac) * w)
+                mixed[:m] = 0.0
+                if consensus:
+                    total[:m] = 0.0
+                    div[:m] = 0.0
+                    for i in range(models):
+                        row = wdt[i]
+                        for j in range(m):
+                            total[j] += row[j]
                     for j in range(m):
-                        d = delta(b, f, j)
-                        v = d if keep[j] else f32(0.0)
-                        row[j] = rnd(b, rnd(b, v * fac) * w)
+                        total[j] = rnd(b, total[j])
+                    for i in range(models):
+                        row, w = wdt[i], weights[i]
+                        for j in range(m):
+                            wd = row[j]
+                            agree = (wd > 0) if total[j] >= 0 else (wd < 0)
+                            mixed[j] += wd if agree else f32(0.0)
+                            div[j] += w if agree else f32(0.0)
+                    for j in range(m):
+                        d = rnd(b, div[j])
+                        div[j] = d if d != 0 else f32(1.0)
                 else:
-                    for j in range(m):
-                        row[j] = rnd(b, rnd(b, delta(b, f, j) * fac) * w)
-            mixed[:m] = 0.0
-            if consensus:
-                total[:m] = 0.0
-                div[:m] = 0.0
-                for i in range(models):
-                    row = wdt[i]
-                    for j in range(m):
-                        total[j] += row[j]
+                    for i in range(models):
+                        row = wdt[i]
+                        for j in range(m):
+                            mixed[j] += row[j]
+                    div[:m] = linear_div
                 for j in range(m):
-                    total[j] = rnd(b, total[j])
-                for i in range(models):
-                    row, w = wdt[i], weights[i]
-                    for j in range(m):
-                        wd = row[j]
-                        agree = (wd > 0) if total[j] >= 0 else (wd < 0)
-                        mixed[j] += wd if agree else f32(0.0)
-                        div[j] += w if agree else f32(0.0)
-                for j in range(m):
-                    d = rnd(b, div[j])
-                    div[j] = d if d != 0 else f32(1.0)
-            else:
-                for i in range(models):
-                    row = wdt[i]
-                    for j in range(m):
-                        mixed[j] += row[j]
-                div[:m] = linear_div
-            for j in range(m):
-                x = rnd(b, mixed[j])
-                if normalize:
-                    x = rnd(b, x / div[j])
-                if scale_lam:
-                    x = rnd(b, x * lam)
-                store(o, j, rnd(b, load(b, j) + x))
+                    x = rnd(b, mixed[j])
+                    if normalize:
+                        x = rnd(b, x / div[j])
+                    if scale_lam:
+                        x = rnd(b, x * lam)
+                    store(o, j, rnd(b, load(b, j) + x))
+            c = next_chunk(taken, worker, c)
 
 
 @pjit
@@ -743,12 +824,16 @@ def scale_into(work: Any, factor: Any, out: Any, block: int) -> None:
     """out = work * factor (float32), rounded to out's dtype: a pruned task vector's norm rescale."""
     n = work.size
     nb = (n + block - 1) // block
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        w, o = work[lo:hi], out[lo:hi]
-        for j in range(hi - lo):
-            store(o, j, rnd(o, w[j] * factor))
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            w, o = work[lo:hi], out[lo:hi]
+            for j in range(hi - lo):
+                store(o, j, rnd(o, w[j] * factor))
+            c = next_chunk(taken, worker, c)
 
 
 @sjit
@@ -758,17 +843,21 @@ def slerp_sums(x: Any, y: Any, block: int) -> Any:
     n = x.size
     nb = (n + block - 1) // block
     sums = np.zeros((nb, 3))
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        a, b = x[lo:hi], y[lo:hi]
-        sxx = syy = sxy = 0.0
-        for j in range(hi - lo):
-            u, v = np.float64(load(a, j)), np.float64(load(b, j))
-            sxx += u * u
-            syy += v * v
-            sxy += u * v
-        sums[c, 0], sums[c, 1], sums[c, 2] = sxx, syy, sxy
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            a, b = x[lo:hi], y[lo:hi]
+            sxx = syy = sxy = 0.0
+            for j in range(hi - lo):
+                u, v = np.float64(load(a, j)), np.float64(load(b, j))
+                sxx += u * u
+                syy += v * v
+                sxy += u * v
+            sums[c, 0], sums[c, 1], sums[c, 2] = sxx, syy, sxy
+            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -778,14 +867,18 @@ def lerp_into(x: Any, y: Any, ca: Any, cb: Any, out: Any, block: int) -> None:
     the output pass of slerp, as torch computes it."""
     n = x.size
     nb = (n + block - 1) // block
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        a, b, o = x[lo:hi], y[lo:hi], out[lo:hi]
-        for j in range(hi - lo):
-            p = f32(ca * load(a, j))
-            q = f32(cb * load(b, j))
-            store(o, j, rnd(o, p + q))
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            a, b, o = x[lo:hi], y[lo:hi], out[lo:hi]
+            for j in range(hi - lo):
+                p = f32(ca * load(a, j))
+                q = f32(cb * load(b, j))
+                store(o, j, rnd(o, p + q))
+            c = next_chunk(taken, worker, c)
 
 
 @pjit
@@ -794,25 +887,29 @@ def weighted_sum(xs: Any, w: Any, divisor: Any, normalize: bool, out: Any, block
     torch computes it (first product rounded, each further term added with one fused multiply-add)."""
     n = out.size
     nb = (n + block - 1) // block
-    for c in prange(nb):
-        lo = c * block
-        hi = min(n, lo + block)
-        acc = np.empty(TILE, np.float32)
-        for t in range(lo, hi, TILE):
-            m = min(TILE, hi - t)
-            x = xs[0][t : t + m]
-            w0 = w[0]
-            for j in range(m):
-                acc[j] = f32(load(x, j) * w0)
-            for i in range(1, len(xs)):
-                x = xs[i][t : t + m]
-                wi = w[i]
+    taken = np.zeros(nb, np.int64)
+    for worker in prange(nb):
+        c = next_chunk(taken, worker, -1)
+        while c >= 0:
+            lo = c * block
+            hi = min(n, lo + block)
+            acc = np.empty(TILE, np.float32)
+            for t in range(lo, hi, TILE):
+                m = min(TILE, hi - t)
+                x = xs[0][t : t + m]
+                w0 = w[0]
                 for j in range(m):
-                    acc[j] = fma32(load(x, j), wi, acc[j])
-            o = out[t : t + m]
-            if normalize:
-                for j in range(m):
-                    store(o, j, rnd(o, acc[j] / divisor))
-            else:
-                for j in range(m):
-                    store(o, j, rnd(o, acc[j]))
+                    acc[j] = f32(load(x, j) * w0)
+                for i in range(1, len(xs)):
+                    x = xs[i][t : t + m]
+                    wi = w[i]
+                    for j in range(m):
+                        acc[j] = fma32(load(x, j), wi, acc[j])
+                o = out[t : t + m]
+                if normalize:
+                    for j in range(m):
+                        store(o, j, rnd(o, acc[j] / divisor))
+                else:
+                    for j in range(m):
+                        store(o, j, rnd(o, acc[j]))
+            c = next_chunk(taken, worker, c)
