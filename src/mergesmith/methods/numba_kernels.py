@@ -548,10 +548,8 @@ def della_mask(
                 b, f, keep = base[off : off + width], ft[off : off + width], mask[off : off + width]
                 for i in range(width):
                     keys[i] = key(delta(b, f, i)) >> shift
-                kmin, kmax = (
-                    np.int32(0x7FFFFFFF),
-                    np.int32(0),
-                )  # keys are below 2**31; int32 min/max vectorize
+                # keys are below 2**31; int32 min/max vectorize
+                kmin, kmax = np.int32(0x7FFFFFFF), np.int32(0)
                 for i in range(width):
                     k = np.int32(keys[i])
                     kmin = min(kmin, k if k != 0 else np.int32(0x7FFFFFFF))
