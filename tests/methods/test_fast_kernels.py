@@ -278,24 +278,23 @@ def test_workers_take_every_chunk_once_each_from_its_start_up_then_from_the_top(
     chunks = 16
     taken = np.zeros(chunks, np.int64)
     got: dict[int, list[int]] = {w: [] for w in workers}
-    active = {w: -1 for w in workers}
+    active = {w: -1 for w in workers}  # each worker's last chunk (-1: none yet)
+
+    def step(w: int) -> None:
+        active[w] = K.next_chunk(taken, w, active[w])
+        if active[w] < 0:
+            assert taken.all(), (w, taken)  # a worker stops only when no chunk is left to take
+            del active[w]
+        else:
+            got[w].append(active[w])
+
     late = rng.choice(workers)  # one worker starts after the others have run a while
     for _ in range(rng.randrange(chunks)):
         others = [w for w in active if w != late]
         if others:
-            w = rng.choice(others)
-            active[w] = K.next_chunk(taken, w, active[w])
-            if active[w] < 0:
-                del active[w]
-            else:
-                got[w].append(active[w])
+            step(rng.choice(others))
     while active:
-        w = rng.choice(list(active))
-        active[w] = K.next_chunk(taken, w, active[w])
-        if active[w] < 0:
-            del active[w]
-        else:
-            got[w].append(active[w])
+        step(rng.choice(list(active)))
     assert sorted(c for seq in got.values() for c in seq) == list(range(chunks))
     for w, seq in got.items():
         up = 0
