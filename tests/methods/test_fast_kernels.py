@@ -66,8 +66,11 @@ def test_float32_matches_the_torch_path(merge, monkeypatch, method) -> None:
     if "della" in method:
         per["epsilon"] = [0.1, 0.2, 0.0]
     slow, fast = both(merge, monkeypatch, method, tensors, per=per, seed=9)
-    if "della" in method:  # l1 norms are summed in another order: equal up to float rounding
-        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-9)
+    if method != "ties":
+        # DARE's and DELLA's l1 rescale: the kernels sum the norms in float64, torch in float32 in an order
+        # that depends on its thread count, so the factors may differ in their last bit (with one thread,
+        # a few thousand entries of dare_linear differed by one float32 step)
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-8)
     else:
         assert torch.equal(slow, fast)
 
