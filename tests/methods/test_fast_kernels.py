@@ -69,7 +69,7 @@ def test_float32_matches_the_torch_path(merge, monkeypatch, method) -> None:
     if method != "ties":
         # DARE's and DELLA's l1 rescale: the kernels sum the norms in float64, torch in float32 in an order
         # that depends on its thread count, so the factors may differ in their last bit (with one thread,
-        # a few thousand entries of dare_linear differed by one float32 step)
+        # 5068 entries of dare_linear differed, by at most 7.5e-9: one float32 step at the inputs' scale)
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-8)
     else:
         assert torch.equal(slow, fast)
