@@ -188,6 +188,27 @@ def delta(base: Any, ft: Any, j: int) -> Any:
     return rnd(base, load(ft, j) - load(base, j))
 
 
+NO_NORMS = (0.0, 0.0, 0.0, 0.0, u32(0), u32(0))
+
+
+@numba.njit(fastmath={"reassoc"})  # as the kernels that call it: so their loops still vectorize the sums
+def add_norms(acc: Any, d: Any, v: Any) -> Any:
+    """The six norm sums of a pruned task vector (`NO_NORMS` to start), with entry d, kept as v, added:
+    sums of |d|, |v|, d*d and v*v in float64, and the largest |d| and |v| as keys (integer max
+    vectorizes, float max does not)."""
+    s0, s1, s2, s3, m4, m5 = acc
+    a, w = np.float64(abs(d)), np.float64(abs(v))
+    return s0 + a, s1 + w, s2 + a * a, s3 + w * w, max(m4, key(d)), max(m5, key(v))
+
+
+@numba.njit
+def put_norms(row: Any, acc: Any) -> None:
+    """The six sums of `add_norms` into a row of six float64 columns (the maxima as floats)."""
+    s0, s1, s2, s3, m4, m5 = acc
+    row[0], row[1], row[2] = s0, s1, s2
+    row[3], row[4], row[5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+
+
 # Kernels split the flat range into `block`-sized chunks (DELLA's: runs of rows), which the parallel
 # loop's workers take with `next_chunk`, and work on slices of each chunk: loops that start at 0 are
 # the ones LLVM vectorizes.
@@ -304,22 +325,14 @@ def prune_magnitude(base: Any, ft: Any, thr: int, cut: int, out: Any, block: int
             hi = min(n, lo + block)
             b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
             edge = min(max(cut - lo, 0), hi - lo)  # entries equal to thr are kept below this local index
-            s0 = s1 = s2 = s3 = 0.0
-            m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+            acc = NO_NORMS
             for j in range(hi - lo):
                 d = delta(b, f, j)
                 k = key(d)
                 v = d if k > thr or (k == thr and j < edge) else f32(0.0)
                 store(o, j, v)
-                a, w = np.float64(abs(d)), np.float64(abs(v))
-                s0 += a
-                s1 += w
-                s2 += a * a
-                s3 += w * w
-                m4 = max(m4, key(d))
-                m5 = max(m5, key(v))
-            sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
-            sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+                acc = add_norms(acc, d, v)
+            put_norms(sums[c], acc)
             c = next_chunk(taken, worker, c)
     return sums
 
@@ -339,21 +352,13 @@ def prune_random(base: Any, ft: Any, seed: int, bound: int, keep_prob: Any, out:
             lo = c * block
             hi = min(n, lo + block)
             b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
-            s0 = s1 = s2 = s3 = 0.0
-            m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
+            acc = NO_NORMS
             for j in range(hi - lo):
                 d = delta(b, f, j)
                 v = f32(d) / scale if stream(seed, lo + j) < ubound else f32(0.0)
                 o[j] = v
-                a, w = np.float64(abs(d)), np.float64(abs(v))
-                s0 += a
-                s1 += w
-                s2 += a * a
-                s3 += w * w
-                m4 = max(m4, key(d))
-                m5 = max(m5, key(v))
-            sums[c, 0], sums[c, 1], sums[c, 2] = s0, s1, s2
-            sums[c, 3], sums[c, 4], sums[c, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+                acc = add_norms(acc, d, v)
+            put_norms(sums[c], acc)
             c = next_chunk(taken, worker, c)
     return sums
 
@@ -474,8 +479,7 @@ def prune_della(
                 for i in range(width):
                     keys[i] = key(delta(b, f, i)) >> shift
                 _row_ranks(keys, ranks, count, order, spare)
-                s0 = s1 = s2 = s3 = 0.0
-                m4 = m5 = u32(0)
+                acc = NO_NORMS
                 for i in range(width):
                     d = delta(b, f, i)
                     rn = f32(ranks[i]) / scale if width > 1 else f32(0.5)
@@ -483,15 +487,8 @@ def prune_della(
                     keep = f32(np.int32(stream(seed, off + i) >> u64(8))) < p * f32(16777216.0)
                     v = (f32(d) / p if keep_prob else f32(d)) if keep else f32(0.0)
                     o[i] = v
-                    a, w = np.float64(abs(d)), np.float64(abs(v))
-                    s0 += a
-                    s1 += w
-                    s2 += a * a
-                    s3 += w * w
-                    m4 = max(m4, key(d))
-                    m5 = max(m5, key(v))
-                sums[r, 0], sums[r, 1], sums[r, 2] = s0, s1, s2
-                sums[r, 3], sums[r, 4], sums[r, 5] = s3, f32_from_bits(m4), f32_from_bits(m5)
+                    acc = add_norms(acc, d, v)
+                put_norms(sums[r], acc)
             c = next_chunk(taken, worker, c)
     return sums
 
