@@ -98,6 +98,15 @@ def next_chunk(taken: Any, start: int, prev: int) -> int:
     return -1
 
 
+@numba.njit
+def chunks_for(taken: Any, worker: int) -> Any:
+    """The chunks a kernel's worker takes, one after another (see `next_chunk`)."""
+    c = next_chunk(taken, worker, -1)
+    while c >= 0:
+        yield c
+        c = next_chunk(taken, worker, c)
+
+
 def load(a: Any, j: int) -> Any:
     """Entry j of a bfloat16-bits or float32 array, as float32."""
 
@@ -210,7 +219,7 @@ def put_norms(row: Any, acc: Any) -> None:
 
 
 # Kernels split the flat range into `block`-sized chunks (DELLA's: runs of rows), which the parallel
-# loop's workers take with `next_chunk`, and work on slices of each chunk: loops that start at 0 are
+# loop's workers take with `chunks_for`, and work on slices of each chunk: loops that start at 0 are
 # the ones LLVM vectorizes.
 
 
@@ -227,8 +236,7 @@ def hist_high(base: Any, ft: Any, block: int) -> Any:
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
         keys = np.empty(TILE, np.uint32)
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             h4 = np.zeros((4, 32768), np.int32)
             end = min(n, (c + 1) * block)
             for t0 in range(c * block, end, TILE):
@@ -249,7 +257,6 @@ def hist_high(base: Any, ft: Any, block: int) -> Any:
                     j += 1
             for v in range(32768):
                 hist[c, v] = h4[0, v] + h4[1, v] + h4[2, v] + h4[3, v]
-            c = next_chunk(taken, worker, c)
     return hist
 
 
@@ -261,8 +268,7 @@ def hist_low(base: Any, ft: Any, block: int, high: int) -> Any:
     hist = np.zeros((nb, 65536), np.int64)
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             b, f, h = base[lo:hi], ft[lo:hi], hist[c]
@@ -270,7 +276,6 @@ def hist_low(base: Any, ft: Any, block: int, high: int) -> Any:
                 k = key(delta(b, f, j))
                 if (k >> u32(16)) == high:
                     h[k & u32(0xFFFF)] += 1
-            c = next_chunk(taken, worker, c)
     return hist
 
 
@@ -319,8 +324,7 @@ def prune_magnitude(base: Any, ft: Any, thr: int, cut: int, out: Any, block: int
     sums = np.zeros((nb, 6))
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
@@ -333,7 +337,6 @@ def prune_magnitude(base: Any, ft: Any, thr: int, cut: int, out: Any, block: int
                 store(o, j, v)
                 acc = add_norms(acc, d, v)
             put_norms(sums[c], acc)
-            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -347,8 +350,7 @@ def prune_random(base: Any, ft: Any, seed: int, bound: int, keep_prob: Any, out:
     scale = f32(keep_prob) if keep_prob > 0 else f32(1.0)
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             b, f, o = base[lo:hi], ft[lo:hi], out[lo:hi]
@@ -359,7 +361,6 @@ def prune_random(base: Any, ft: Any, seed: int, bound: int, keep_prob: Any, out:
                 o[j] = v
                 acc = add_norms(acc, d, v)
             put_norms(sums[c], acc)
-            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -470,8 +471,7 @@ def prune_della(
         count = np.empty(32768, np.int64)
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             scale = f32(width - 1)
             for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
                 off = r * width
@@ -489,7 +489,6 @@ def prune_della(
                     o[i] = v
                     acc = add_norms(acc, d, v)
                 put_norms(sums[r], acc)
-            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -538,8 +537,7 @@ def della_mask(
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
         wide = np.empty(32768, np.int64)
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
                 off = r * width
                 b, f, keep = base[off : off + width], ft[off : off + width], mask[off : off + width]
@@ -594,7 +592,6 @@ def della_mask(
                         s0 += a
                         s1 += a if keep[i] else 0.0
                     sums[r, 2 * norm], sums[r, 2 * norm + 1] = s0, s1
-            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -624,8 +621,7 @@ def combine(
         total = np.empty(TILE, np.float32)
         mixed = np.empty(TILE, np.float32)
         div = np.empty(TILE, np.float32)
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             for t0 in range(c * block, min(n, (c + 1) * block), TILE):
                 t1 = min(min(n, (c + 1) * block), t0 + TILE)
                 m = t1 - t0
@@ -663,7 +659,6 @@ def combine(
                     if scale_lam:
                         x = rnd(b, x * lam)
                     store(o, j, rnd(b, load(b, j) + x))
-            c = next_chunk(taken, worker, c)
 
 
 @sjit
@@ -678,8 +673,7 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, norm: int,
     ubound = u64(bound)
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             s0 = s1 = 0.0
@@ -704,7 +698,6 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, norm: int,
                 sums[c, 4], sums[c, 5] = f32_from_bits(m4), f32_from_bits(m5)
             else:
                 sums[c, 2 * norm], sums[c, 2 * norm + 1] = s0, s1
-            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -748,8 +741,7 @@ def combine_fused(
         mixed = np.empty(TILE, np.float32)
         div = np.empty(TILE, np.float32)
         drawn = np.empty(TILE, np.uint8)
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             end = min(n, (c + 1) * block)
             for t0 in range(c * block, end, TILE):
                 t1 = min(end, t0 + TILE)
@@ -811,7 +803,6 @@ def combine_fused(
                     if scale_lam:
                         x = rnd(b, x * lam)
                     store(o, j, rnd(b, load(b, j) + x))
-            c = next_chunk(taken, worker, c)
 
 
 @pjit
@@ -821,14 +812,12 @@ def scale_into(work: Any, factor: Any, out: Any, block: int) -> None:
     nb = (n + block - 1) // block
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             w, o = work[lo:hi], out[lo:hi]
             for j in range(hi - lo):
                 store(o, j, rnd(o, w[j] * factor))
-            c = next_chunk(taken, worker, c)
 
 
 @sjit
@@ -840,8 +829,7 @@ def slerp_sums(x: Any, y: Any, block: int) -> Any:
     sums = np.zeros((nb, 3))
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             a, b = x[lo:hi], y[lo:hi]
@@ -852,7 +840,6 @@ def slerp_sums(x: Any, y: Any, block: int) -> Any:
                 syy += v * v
                 sxy += u * v
             sums[c, 0], sums[c, 1], sums[c, 2] = sxx, syy, sxy
-            c = next_chunk(taken, worker, c)
     return sums
 
 
@@ -864,8 +851,7 @@ def lerp_into(x: Any, y: Any, ca: Any, cb: Any, out: Any, block: int) -> None:
     nb = (n + block - 1) // block
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             a, b, o = x[lo:hi], y[lo:hi], out[lo:hi]
@@ -873,7 +859,6 @@ def lerp_into(x: Any, y: Any, ca: Any, cb: Any, out: Any, block: int) -> None:
                 p = f32(ca * load(a, j))
                 q = f32(cb * load(b, j))
                 store(o, j, rnd(o, p + q))
-            c = next_chunk(taken, worker, c)
 
 
 @pjit
@@ -884,8 +869,7 @@ def weighted_sum(xs: Any, w: Any, divisor: Any, normalize: bool, out: Any, block
     nb = (n + block - 1) // block
     taken = np.zeros(nb, np.int64)
     for worker in prange(nb):
-        c = next_chunk(taken, worker, -1)
-        while c >= 0:
+        for c in chunks_for(taken, worker):
             lo = c * block
             hi = min(n, lo + block)
             acc = np.empty(TILE, np.float32)
@@ -907,4 +891,3 @@ def weighted_sum(xs: Any, w: Any, divisor: Any, normalize: bool, out: Any, block
                 else:
                     for j in range(m):
                         store(o, j, rnd(o, acc[j]))
-            c = next_chunk(taken, worker, c)
