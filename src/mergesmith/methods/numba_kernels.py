@@ -522,17 +522,22 @@ def della_mask(
     """DELLA's keep decisions (those of `prune_della`) into `mask`, one byte per entry, and one norm of d
     and of the kept d per row (norm as in `random_sums`; -1: none), for `combine_fused` to read back.
 
-    Per row: keys, then a counting sort over the non-zero keys whose rank pass decides each entry as it
-    goes (thr: `della_thresholds`; the random value is made there too, with scalar 64-bit multiplies,
-    cheaper than vector ones on AVX2). Exact zeros are marked dropped: kept or not, they add nothing.
-    Rows whose key range is too wide for the counters (float32) are ranked by `_row_ranks`."""
+    Per row: keys, then a counting sort whose rank pass decides each entry as it goes (thr:
+    `della_thresholds`; the random value is made there too, with scalar 64-bit multiplies, cheaper than
+    vector ones on AVX2). Exact zeros are marked dropped: kept or not, they add nothing. Rows whose keys
+    are too large for the counters (float32) are ranked by `_row_ranks`."""
     sums = np.zeros((rows, 6))
     shift = u32(key_shift)
     chunks = (rows + block_rows - 1) // block_rows
     taken = np.zeros(chunks, np.int64)
+    # Ranks from width on belong to exact zeros: their threshold 0 drops them with no test of the key.
+    ext = np.zeros(2 * width, np.int32)
+    ext[:width] = thr
     for worker in prange(chunks):
         keys = np.empty(width, np.uint32)
-        count = np.empty(32769, np.int32)
+        # One counter per key value, indexed by the key itself (no offset or zero test per entry); each
+        # row clears the counters it used, so they start at zero.
+        count = np.zeros(32768, np.int32)
         ranks = np.empty(width, np.int32)
         order = np.empty(width, np.int64)
         spare = np.empty(width, np.int64)
@@ -551,26 +556,25 @@ def della_mask(
                     kmax = max(kmax, k)
                 if kmax == 0:
                     keep[:] = 0
-                elif int(kmax - kmin) + 2 <= count.size:
-                    # counter 0: the zeros (ranked first); counter k - kmin + 1: non-zero key k
-                    span = int(kmax - kmin) + 2
-                    first = u32(kmin - 1)
-                    count[:span] = 0
+                elif kmax < count.size:  # every bfloat16 row
                     for i in range(width):
-                        k = keys[i]
-                        count[(k - first) if k != 0 else u32(0)] += 1
-                    total = np.int32(0)
-                    for v in range(span):
+                        count[keys[i]] += 1
+                    # Non-zero keys rank from the number of zeros on, in key order (the zeros rank first,
+                    # so the ranks are those of the full row); the zeros' ranks run from width on.
+                    total = count[0]
+                    count[0] = width
+                    for v in range(kmin, kmax + 1):
                         n_v = count[v]
                         count[v] = total
                         total += n_v
                     for i in range(width):
                         k = keys[i]
-                        v = (k - first) if k != 0 else u32(0)
-                        rk = count[v]
-                        count[v] = rk + 1
+                        rk = count[k]
+                        count[k] = rk + 1
                         x = np.int32(stream(seed, off + i) >> u64(8))
-                        keep[i] = np.uint8((x < thr[rk]) & (k != 0))
+                        keep[i] = np.uint8(x < ext[rk])
+                    count[0] = 0
+                    count[kmin : kmax + 1] = 0
                 else:
                     _row_ranks(keys, ranks, wide, order, spare)
                     for i in range(width):
