@@ -128,10 +128,15 @@ def _load(a, j):  # type: ignore[no-untyped-def]  # numba compares these paramet
 
 @numba.njit
 def _round_bf16(f: Any) -> Any:
-    # NaN (|bits| above infinity's) becomes the canonical NaN by a select, not a branch: loops stay vectorized.
+    """f rounded to the nearest bfloat16, ties to even, for every float32 f except NaNs with any of their
+    low 16 bits set (they may come out as infinity). The kernels make no such NaN: theirs come from
+    bfloat16 inputs (low half zero), are the default NaN of an invalid operation (0x7FC00000 or
+    0xFFC00000) or pass one of those on (arithmetic keeps an operand NaN's bits), and the float32
+    parameters are converted from Python floats, whose NaNs are of the same kinds. Such a NaN comes out
+    unchanged. (Testing for NaN here, even by a select, cost the combining passes a quarter to a third.)"""
     b = bits_from_f32(f32(f))
     r = (b + u32(0x7FFF) + ((b >> u32(16)) & u32(1))) & u32(0xFFFF0000)
-    return f32_from_bits(r if (b & u32(0x7FFFFFFF)) <= u32(0x7F800000) else u32(0x7FC00000))
+    return f32_from_bits(r)
 
 
 @overload(rnd)
