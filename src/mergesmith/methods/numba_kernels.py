@@ -129,11 +129,12 @@ def _load(a, j):  # type: ignore[no-untyped-def]  # numba compares these paramet
 @numba.njit
 def _round_bf16(f: Any) -> Any:
     """f rounded to the nearest bfloat16, ties to even, for every float32 f except NaNs with any of their
-    low 16 bits set (they may come out as infinity). The kernels make no such NaN: theirs come from
-    bfloat16 inputs (low half zero), are the default NaN of an invalid operation (0x7FC00000 or
-    0xFFC00000) or pass one of those on (arithmetic keeps an operand NaN's bits), and the float32
-    parameters are converted from Python floats, whose NaNs are of the same kinds. Such a NaN comes out
-    unchanged. (Testing for NaN here, even by a select, cost the combining passes a quarter to a third.)"""
+    low 16 bits set (the carry may turn them into an infinity or a zero). The kernels make no such NaN:
+    theirs come from bfloat16 inputs (low half zero), are the default NaN of an invalid operation
+    (0x7FC00000 or 0xFFC00000) or pass one of those on (arithmetic keeps an operand NaN's bits, only
+    quieting it), and the float32 parameters are converted from Python floats, whose NaNs are of the same
+    kinds. Such a NaN comes out unchanged. (Testing for NaN here, even by a select, cost the combining
+    passes a quarter to a third of their time.)"""
     b = bits_from_f32(f32(f))
     r = (b + u32(0x7FFF) + ((b >> u32(16)) & u32(1))) & u32(0xFFFF0000)
     return f32_from_bits(r)
