@@ -762,11 +762,21 @@ def combine_fused(
                     kind = kinds[i]
                     if kind == KEEP_MAGNITUDE:
                         th, edge = thr[i], min(max(cut[i] - t0, 0), m)
-                        for j in range(m):
-                            d = delta(b, f, j)
-                            k = key(d)
-                            v = d if k > th or (k == th and j < edge) else f32(0.0)
-                            row[j] = rnd(b, v * w)
+                        if edge == 0 or edge == m:
+                            # Every tile but the one the cut splits: one int32 comparison per entry, no
+                            # index test (key > th, or key >= th when the whole tile lies before the cut;
+                            # keys and th are below 2**31). The index test cost this pass a third.
+                            low = np.int32(th - (1 if edge == m else 0))
+                            for j in range(m):
+                                d = delta(b, f, j)
+                                v = d if np.int32(key(d)) > low else f32(0.0)
+                                row[j] = rnd(b, v * w)
+                        else:
+                            for j in range(m):
+                                d = delta(b, f, j)
+                                k = key(d)
+                                v = d if k > th or (k == th and j < edge) else f32(0.0)
+                                row[j] = rnd(b, v * w)
                     elif kind == KEEP_RANDOM or kind == KEEP_MASKED:
                         if kind == KEEP_RANDOM:
                             keep = drawn[:m]
