@@ -107,6 +107,13 @@ def chunks_for(taken: Any, worker: int) -> Any:
         c = next_chunk(taken, worker, c)
 
 
+@numba.njit
+def tiles(lo: int, hi: int) -> Any:
+    """(start, stop) of each TILE-long piece of the range [lo, hi), the last one shorter."""
+    for t0 in range(lo, hi, TILE):
+        yield t0, min(hi, t0 + TILE)
+
+
 def load(a: Any, j: int) -> Any:
     """Entry j of a bfloat16-bits or float32 array, as float32."""
 
@@ -244,9 +251,7 @@ def hist_high(base: Any, ft: Any, block: int) -> Any:
         keys = np.empty(TILE, np.uint32)
         for c in chunks_for(taken, worker):
             h4 = np.zeros((4, 32768), np.int32)
-            end = min(n, (c + 1) * block)
-            for t0 in range(c * block, end, TILE):
-                t1 = min(end, t0 + TILE)
+            for t0, t1 in tiles(c * block, min(n, (c + 1) * block)):
                 m = t1 - t0
                 b, f = base[t0:t1], ft[t0:t1]
                 for j in range(m):
@@ -632,8 +637,7 @@ def combine(
         mixed = np.empty(TILE, np.float32)
         div = np.empty(TILE, np.float32)
         for c in chunks_for(taken, worker):
-            for t0 in range(c * block, min(n, (c + 1) * block), TILE):
-                t1 = min(min(n, (c + 1) * block), t0 + TILE)
+            for t0, t1 in tiles(c * block, min(n, (c + 1) * block)):
                 m = t1 - t0
                 b, o = base[t0:t1], out[t0:t1]
                 mixed[:m] = 0.0
@@ -688,7 +692,7 @@ def random_sums(base: Any, ft: Any, seed: int, bound: int, mask: Any, norm: int,
             hi = min(n, lo + block)
             s0 = s1 = 0.0
             m4 = m5 = u32(0)  # largest |d| and |kept| as keys: integer max vectorizes, float max does not
-            for t0 in range(lo, hi, TILE):
+            for t0 in range(lo, hi, TILE):  # (not `tiles`: here it measured 0-10% slower, near the noise)
                 t1 = min(hi, t0 + TILE)
                 b, f, keep = base[t0:t1], ft[t0:t1], mask[t0:t1]
                 draw(keep, seed, ubound, t0)  # the sums then read the decisions back from L1
@@ -752,9 +756,7 @@ def combine_fused(
         div = np.empty(TILE, np.float32)
         drawn = np.empty(TILE, np.uint8)
         for c in chunks_for(taken, worker):
-            end = min(n, (c + 1) * block)
-            for t0 in range(c * block, end, TILE):
-                t1 = min(end, t0 + TILE)
+            for t0, t1 in tiles(c * block, min(n, (c + 1) * block)):
                 m = t1 - t0
                 b, o = base[t0:t1], out[t0:t1]
                 for i in range(models):
@@ -893,8 +895,8 @@ def weighted_sum(xs: Any, w: Any, divisor: Any, normalize: bool, out: Any, block
             lo = c * block
             hi = min(n, lo + block)
             acc = np.empty(TILE, np.float32)
-            for t in range(lo, hi, TILE):
-                m = min(TILE, hi - t)
+            for t, t_end in tiles(lo, hi):
+                m = t_end - t
                 x = xs[0][t : t + m]
                 w0 = w[0]
                 for j in range(m):
