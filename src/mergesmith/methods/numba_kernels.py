@@ -186,22 +186,43 @@ def key(d: Any) -> Any:
 
 
 @numba.njit
+def origin(seed: Any, j: Any) -> Any:
+    """The first step of value j of the `hashrng` stream: seed + (j + 1) * GOLDEN. Value j + 1's is this
+    plus GOLDEN, so loops over consecutive values carry it by an add instead of a multiply."""
+    return u64(seed) + (u64(j) + u64(1)) * u64(GOLDEN)
+
+
+@numba.njit
+def mixed(z: Any) -> Any:
+    """splitmix64 on an `origin` up to its last product p; the stream value is (p ^ (p >> 31)) >> 32. The
+    top 24 bits, DELLA's random value, are p >> 40: the last shift changes nothing above bit 32."""
+    z = (z ^ (z >> u64(30))) * u64(MIX1)
+    return (z ^ (z >> u64(27))) * u64(MIX2)
+
+
+@numba.njit
+def top32(p: Any) -> Any:
+    """The stream value (32 bits) from `mixed`'s product."""
+    return (p ^ (p >> u64(31))) >> u64(32)
+
+
+@numba.njit
 def stream(seed: Any, j: Any) -> Any:
     """Value j of the `hashrng` stream with this seed (32 bits, as uint64)."""
-    z = u64(seed) + (u64(j) + u64(1)) * u64(GOLDEN)
-    z = (z ^ (z >> u64(30))) * u64(MIX1)
-    z = (z ^ (z >> u64(27))) * u64(MIX2)
-    z = z ^ (z >> u64(31))
-    return z >> u64(32)
+    return top32(mixed(origin(seed, j)))
 
 
 @numba.njit
 def draw(keep: Any, seed: Any, bound: Any, start: Any) -> None:
     """keep[j] = 1 where stream(seed, start + j) < bound, else 0: a tile's DARE keep decisions, drawn in a
     loop of their own before the loop that uses them (apart, each compiles to tighter code: 15-25% less
-    time than one loop doing both)."""
+    time than one loop doing both). The first step's product is carried from entry to entry by adding
+    GOLDEN (`origin`): a third fewer 64-bit multiplies, which AVX2 builds from three 32-bit ones each
+    (random_sums 1.17 against 1.40 ns per entry)."""
+    z = origin(seed, start)
     for j in range(keep.size):
-        keep[j] = np.uint8(stream(seed, start + j) < bound)
+        keep[j] = np.uint8(top32(mixed(z)) < bound)
+        z += u64(GOLDEN)
 
 
 @numba.njit
@@ -578,12 +599,13 @@ def della_mask(
                         n_v = count[v]
                         count[v] = total
                         total += n_v
+                    z = origin(seed, off)
                     for i in range(width):
                         k = keys[i]
                         rk = count[k]
                         count[k] = rk + 1
-                        x = np.int32(stream(seed, off + i) >> u64(8))
-                        keep[i] = np.uint8(x < ext[rk])
+                        keep[i] = np.uint8(np.int32(mixed(z) >> u64(40)) < ext[rk])
+                        z += u64(GOLDEN)
                     count[0] = 0
                     count[kmin : kmax + 1] = 0
                 else:
