@@ -595,7 +595,9 @@ def della_mask(
                     # so the ranks are those of the full row); the zeros' ranks run from width on.
                     total = count[0]
                     count[0] = width
-                    for v in range(kmin, kmax + 1):
+                    # Unsigned indices here and in the rank pass: numba wraps a signed index that may be
+                    # negative (three more instructions per lookup; della_mask 3.10 against 3.33 ns).
+                    for v in range(u32(kmin), u32(kmax) + u32(1)):
                         n_v = count[v]
                         count[v] = total
                         total += n_v
@@ -604,7 +606,7 @@ def della_mask(
                         k = keys[i]
                         rk = count[k]
                         count[k] = rk + 1
-                        keep[i] = np.uint8(np.int32(mixed(z) >> u64(40)) < ext[rk])
+                        keep[i] = np.uint8(np.int32(mixed(z) >> u64(40)) < ext[u32(rk)])
                         z += u64(GOLDEN)
                     count[0] = 0
                     count[kmin : kmax + 1] = 0
