@@ -403,7 +403,8 @@ def _row_ranks(keys: Any, ranks: Any, count: Any, order: Any, spare: Any) -> Non
     A counting sort over the key range when `count` can hold it (every bfloat16 row: clearing and
     summing even 32768 counters costs less than the scattered writes of a second pass), else a
     least-significant-digit radix sort of (key - smallest key) in as few digits of at most 11 bits as
-    cover the range (float32 rows).
+    cover the range (float32 rows). count, order and spare are uint32: as indices, unsigned values skip
+    numba's wrap of negative ones (float32 della_mask 9.29 against 10.76 ns per entry).
     """
     width = keys.size
     # Exact zeros (entries a fine-tune left unchanged) rank first, in index order; the counting sort
@@ -452,11 +453,11 @@ def _row_ranks(keys: Any, ranks: Any, count: Any, order: Any, spare: Any) -> Non
         bits += 1
     passes = (bits + 10) // 11
     digit = (bits + passes - 1) // passes
-    mask = (1 << digit) - 1
+    mask = u32((1 << digit) - 1)
     for i in range(width):
         order[i] = i
     for step in range(passes):
-        shift = digit * step
+        shift = u32(digit * step)
         count[: mask + 1] = 0
         for i in range(width):
             count[((keys[i] - kmin) >> shift) & mask] += 1
@@ -500,9 +501,9 @@ def prune_della(
     for worker in prange(chunks):
         keys = np.empty(width, np.uint32)
         ranks = np.empty(width, np.int32)
-        count = np.empty(32768, np.int64)
-        order = np.empty(width, np.int64)
-        spare = np.empty(width, np.int64)
+        count = np.empty(32768, np.uint32)
+        order = np.empty(width, np.uint32)
+        spare = np.empty(width, np.uint32)
         for c in chunks_for(taken, worker):
             scale = f32(width - 1)
             for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
@@ -571,9 +572,9 @@ def della_mask(
         # row clears the counters it used, so they start at zero.
         count = np.zeros(32768, np.int32)
         ranks = np.empty(width, np.int32)
-        order = np.empty(width, np.int64)
-        spare = np.empty(width, np.int64)
-        wide = np.empty(32768, np.int64)
+        order = np.empty(width, np.uint32)
+        spare = np.empty(width, np.uint32)
+        wide = np.empty(32768, np.uint32)
         for c in chunks_for(taken, worker):
             for r in range(c * block_rows, min(rows, (c + 1) * block_rows)):
                 off = r * width
@@ -614,7 +615,7 @@ def della_mask(
                     _row_ranks(keys, ranks, wide, order, spare)
                     for i in range(width):
                         x = np.int32(stream(seed, off + i) >> u64(8))
-                        keep[i] = np.uint8((x < thr[ranks[i]]) & (keys[i] != 0))
+                        keep[i] = np.uint8((x < thr[u32(ranks[i])]) & (keys[i] != 0))
                 if norm == 2:
                     m4 = m5 = u32(0)
                     for i in range(width):
