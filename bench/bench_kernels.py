@@ -72,6 +72,9 @@ def kernels(rows: int, width: int, threads: int) -> dict[str, Callable[[], objec
         "dare/della: combine_fused (2, masked)": lambda: K.combine_fused(
             b, (f1, f2), masked, zeros, zeros, none, zeros, masks, ones * np.float32(1.3), *combine_args
         ),
+        "della: combine_fused (2, masked, factor 1)": lambda: K.combine_fused(
+            b, (f1, f2), masked, zeros, zeros, none, zeros, masks, ones, *combine_args
+        ),
         "dare, no rescale: combine_fused (2, drawn)": lambda: K.combine_fused(
             b, (f1, f2), drawn, zeros, zeros, seeds, bounds, masks, ones, *combine_args
         ),

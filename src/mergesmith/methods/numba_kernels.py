@@ -810,10 +810,18 @@ def combine_fused(
                             draw(keep, seeds[i], u64(bounds[i]), t0)
                         else:
                             keep = masks[i][t0:t1]
+                        if fac == f32(1.0):  # no rescale: v * 1 is v, so one product and rounding fewer
+                            for j in range(m):
+                                d = delta(b, f, j)
+                                row[j] = rnd(b, (d if keep[j] else f32(0.0)) * w)
+                        else:
+                            for j in range(m):
+                                d = delta(b, f, j)
+                                v = d if keep[j] else f32(0.0)
+                                row[j] = rnd(b, rnd(b, v * fac) * w)
+                    elif fac == f32(1.0):
                         for j in range(m):
-                            d = delta(b, f, j)
-                            v = d if keep[j] else f32(0.0)
-                            row[j] = rnd(b, rnd(b, v * fac) * w)
+                            row[j] = rnd(b, delta(b, f, j) * w)
                     else:
                         for j in range(m):
                             row[j] = rnd(b, rnd(b, delta(b, f, j) * fac) * w)
