@@ -120,6 +120,19 @@ def test_della_ranks_with_exact_zeros_and_ties(merge, monkeypatch, dtype) -> Non
         assert torch.equal(slow, fast)
 
 
+def test_della_float32_rows_of_every_kind_side_by_side(merge, monkeypatch) -> None:
+    # della_mask ranks rows two at a time: pairs mixing a row of ordinary float32 deltas (radix-sorted),
+    # a row of subnormal deltas small enough for the key-indexed counters, and an unchanged row
+    base, ft1, ft2 = family(8, 2, (41, 1700), torch.float32)
+    base[5:9] = 0.0
+    ft1[5] = torch.randint(-30000, 30000, (1700,)).float() * 2.0**-149  # keys below 32768
+    ft1[6], ft1[8] = 0.0, 0.0
+    ft2[6] = torch.randint(-30000, 30000, (1700,)).float() * 2.0**-149
+    per = {"weight": [1.0, 0.5], "density": [0.5, 0.3], "epsilon": [0.1, 0.2]}
+    slow, fast = both(merge, monkeypatch, "della", [base, ft1, ft2], per=per, seed=4)
+    assert torch.equal(slow, fast)
+
+
 def test_one_dimensional_tensors(merge, monkeypatch) -> None:
     tensors = family(4, 2, (70000,), torch.bfloat16)
     for method in ("ties", "della", "dare_ties"):
