@@ -623,11 +623,11 @@ def della_mask(
     """DELLA's keep decisions (those of `prune_della`) into `mask`, one byte per entry, and one norm of d
     and of the kept d per row (norm as in `random_sums`; -1: none), for `combine_fused` to read back.
 
-    Per row: keys, then a counting sort (`_della_counts`) whose rank pass decides each entry as it goes
-    (thr: `della_thresholds`; the random value is made there too, with scalar 64-bit multiplies: a loop
-    of its own, vectorized, measured slower), two rows at a time. Exact zeros are marked dropped: kept or not,
-    they add nothing. Rows whose keys are too large for the counters (float32) are ranked by
-    `_row_ranks`."""
+    Per row, two rows at a time: keys, then a counting sort (`_della_counts`) whose rank pass decides
+    each entry as it goes (thr: `della_thresholds`; the random value is made there too, with scalar
+    64-bit multiplies: drawn in a vectorized loop of its own, it measured slower). Exact zeros are marked
+    dropped: kept or not, they add nothing. Rows whose keys are too large for the counters (float32) are
+    ranked by `_row_ranks`."""
     sums = np.zeros((rows, 6))
     shift = u32(key_shift)
     chunks = (rows + block_rows - 1) // block_rows
