@@ -656,7 +656,7 @@ def _della_wide(
             pend[n_pend] = i
             n_pend += 1
         keep[i] = np.uint8(low & (k != 0))
-    if 0 < n_pend <= 4:  # a few: each counts its rank over the whole row (vectorized)
+    if 0 < n_pend <= 4:  # a few: each counts its rank over the whole row
         for q in range(n_pend):
             i = pend[q]
             k = keys[i]
