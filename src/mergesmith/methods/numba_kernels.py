@@ -575,16 +575,22 @@ def _della_counts(b: Any, f: Any, keys: Any, count: Any, shift: Any) -> Any:
     return kmin, kmax, COUNTED
 
 
+@numba.njit
+def _della_step(keys: Any, count: Any, keep: Any, i: int, z: Any, ext: Any) -> None:
+    """Entry i of a COUNTED row's rank pass: it takes the next rank of its key and is kept when its
+    random value (from z, its `origin`) is below that rank's threshold."""
+    k = keys[i]
+    rk = count[k]
+    count[k] = rk + 1
+    keep[i] = np.uint8(np.int32(mixed(z) >> u64(40)) < ext[u32(rk)])
+
+
 @jit
 def _della_ranks1(keys: Any, count: Any, keep: Any, off: int, ext: Any, seed: Any) -> None:
-    """A COUNTED row's rank pass: each entry takes the next rank of its key and is kept when its random
-    value (stream(seed, off + i) >> 8) is below that rank's threshold."""
+    """A COUNTED row's rank pass (`_della_step` on each entry)."""
     z = origin(seed, off)
     for i in range(keys.size):
-        k = keys[i]
-        rk = count[k]
-        count[k] = rk + 1
-        keep[i] = np.uint8(np.int32(mixed(z) >> u64(40)) < ext[u32(rk)])
+        _della_step(keys, count, keep, i, z, ext)
         z += u64(GOLDEN)
 
 
@@ -595,15 +601,9 @@ def _della_ranks2(
     """`_della_ranks1` on two COUNTED rows of the same width in one loop."""
     za, zb = origin(seed, oa), origin(seed, ob)
     for i in range(ka.size):
-        k = ka[i]
-        rk = ca[k]
-        ca[k] = rk + 1
-        pa[i] = np.uint8(np.int32(mixed(za) >> u64(40)) < ext[u32(rk)])
+        _della_step(ka, ca, pa, i, za, ext)
+        _della_step(kb, cb, pb, i, zb, ext)
         za += u64(GOLDEN)
-        k = kb[i]
-        rk = cb[k]
-        cb[k] = rk + 1
-        pb[i] = np.uint8(np.int32(mixed(zb) >> u64(40)) < ext[u32(rk)])
         zb += u64(GOLDEN)
 
 
