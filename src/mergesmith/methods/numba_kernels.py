@@ -747,11 +747,13 @@ def della_mask(
                 pa = mask[oa : oa + width]
                 sa = _della_counts(base[oa : oa + width], ft[oa : oa + width], ka, ca, shift)
                 sb = sa
+                ranked = False  # both rows' rank passes already run, in one loop
                 if pair == 2:
                     pb = mask[ob : ob + width]
                     sb = _della_counts(base[ob : ob + width], ft[ob : ob + width], kb, cb, shift)
                     if sa[2] == COUNTED and sb[2] == COUNTED:
                         _della_ranks2(ka, ca, pa, oa, kb, cb, pb, ob, ext, seed)
+                        ranked = True
                 for q in range(pair):
                     k_q, c_q, state = (ka, ca, sa) if q == 0 else (kb, cb, sb)
                     off = oa if q == 0 else ob
@@ -760,7 +762,7 @@ def della_mask(
                     if how == ALL_ZERO:
                         keep[:] = 0
                     elif how == COUNTED:
-                        if pair == 1 or sa[2] != sb[2]:  # not ranked with its pair above
+                        if not ranked:
                             _della_ranks1(k_q, c_q, keep, off, ext, seed)
                         c_q[0] = 0
                         c_q[kmin : kmax + 1] = 0
